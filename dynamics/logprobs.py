@@ -1,0 +1,307 @@
+"""Response log-probabilities of a causal LM: per token and per sequence, for batches of pairs.
+
+``log π(y|x) = Σ_t log π(y^t | x, y^<t)`` over the response tokens only (prompt masked), and the
+length-normalized ``log π(y|x) / |y|`` (SimPO, IPO-avg, RRHF, ORPO).
+
+Tokenization. The prompt and the response are tokenized *separately* and their ids concatenated
+(``prompt_ids + response_ids``). The response tokens are then exactly the response's own tokens:
+no BPE merge across the prompt/response boundary can move a character of the response into a
+prompt token, so two responses that share a suffix share those tokens (what the token-level
+analysis of seed 004 §4 needs). The prompt gets the tokenizer's special tokens (e.g. a BOS),
+the response none (``append_eos=True`` adds the EOS token to every response, as TRL does).
+
+Truncation never cuts a response silently: with ``truncation="error"`` (default) a pair longer
+than ``max_length`` raises; with ``truncation="prompt_left"`` prompt tokens are dropped from the
+left and the number dropped is recorded per sequence (``n_prompt_truncated``). A sequence longer
+than the model's context (``config.max_position_embeddings``) always raises.
+
+Padding. ``padding_side="left"`` (default) right-aligns every response, so only the last
+``max |y|`` positions need logits (``logits_to_keep``): with long TL;DR prompts and a 49k
+vocabulary this saves most of the lm_head work. ``"right"`` gives identical numbers (tested).
+Position ids are ``cumsum(attention_mask) - 1``, so either side sees the same positions.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TRUNCATION = ("error", "prompt_left")
+
+
+@dataclass(frozen=True)
+class TokenizedSequence:
+    """One prompt/response pair as ids: ``prompt_ids + response_ids`` is the model input."""
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    tokens: tuple[str, ...]          # decoded response tokens, one string per response id
+    n_prompt_truncated: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class TokenizedPairs:
+    """Tokenized preference pairs: ``chosen[i]`` and ``rejected[i]`` belong to ``pair_ids[i]``."""
+    pair_ids: list[str]
+    chosen: list[TokenizedSequence]
+    rejected: list[TokenizedSequence]
+    pad_id: int
+    max_length: int | None = None
+    truncation: str = "error"
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def subset(self, indices: Sequence[int]) -> "TokenizedPairs":
+        """The pairs at ``indices``, same settings."""
+        return TokenizedPairs([self.pair_ids[i] for i in indices], [self.chosen[i] for i in indices],
+                              [self.rejected[i] for i in indices], self.pad_id, self.max_length, self.truncation)
+
+
+def tokenize_response(tokenizer, prompt: str, response: str, *, max_length: int | None = None,
+                      truncation: str = "error", append_eos: bool = False, what: str = "") -> TokenizedSequence:
+    """Tokenize ``prompt`` (with special tokens) and ``response`` (without) separately.
+
+    ``what`` names the sequence in error messages (e.g. ``"pair 3, chosen"``).
+    Raises ValueError for an empty response, an empty prompt, or (``truncation="error"``)
+    a sequence longer than ``max_length``.
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"unknown truncation {truncation!r}; known: {', '.join(TRUNCATION)}")
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("append_eos=True but the tokenizer has no eos token")
+        response_ids.append(tokenizer.eos_token_id)
+    if not response_ids:
+        raise ValueError(f"empty response ({what}): it tokenizes to zero tokens")
+    if not prompt_ids:
+        raise ValueError(f"empty prompt ({what}): with no prompt token (and no BOS) the first "
+                         "response token has no context to be predicted from")
+    cut = 0
+    if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
+        n = len(prompt_ids) + len(response_ids)
+        if truncation == "error" or len(response_ids) >= max_length:
+            raise ValueError(
+                f"{what}: prompt ({len(prompt_ids)} tokens) + response ({len(response_ids)} tokens) = {n} "
+                f"> max_length={max_length}; responses are never cut — use truncation='prompt_left' "
+                "to drop prompt tokens from the left, or raise max_length")
+        cut = n - max_length
+        prompt_ids = prompt_ids[cut:]
+    tokens = tuple(tokenizer.decode([i]) for i in response_ids)
+    return TokenizedSequence(tuple(prompt_ids), tuple(response_ids), tokens, cut)
+
+
+def tokenize_pairs(tokenizer, pairs, *, max_length: int | None = None, truncation: str = "error",
+                   append_eos: bool = False) -> TokenizedPairs:
+    """Tokenize `dynamics.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
+
+    Raises ValueError when the tokenizer has no pad token, or a pair's two responses tokenize
+    identically (nothing to prefer), besides the errors of `tokenize_response`.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set one first, e.g. "
+                         "tokenizer.pad_token = tokenizer.eos_token")
+    ids, chosen, rejected = [], [], []
+    for p in pairs:
+        kw = dict(max_length=max_length, truncation=truncation, append_eos=append_eos)
+        w = tokenize_response(tokenizer, p.prompt, p.chosen, what=f"pair {p.id!r}, chosen", **kw)
+        l = tokenize_response(tokenizer, p.prompt, p.rejected, what=f"pair {p.id!r}, rejected", **kw)
+        if w.response_ids == l.response_ids:
+            raise ValueError(f"pair {p.id!r}: chosen and rejected responses are identical after tokenization")
+        ids.append(str(p.id)), chosen.append(w), rejected.append(l)
+    return TokenizedPairs(ids, chosen, rejected, tokenizer.pad_token_id, max_length, truncation)
+
+
+@dataclass
+class Batch:
+    """Padded model input for N sequences of padded length T.
+
+    ``start[i]``: index in the padded row of the first response token; ``lengths[i]``: |y_i|.
+    """
+    input_ids: Tensor        # (N, T) long
+    attention_mask: Tensor   # (N, T) long
+    position_ids: Tensor     # (N, T) long
+    start: Tensor            # (N,) long
+    lengths: Tensor          # (N,) long
+    padding_side: str
+
+
+def collate(seqs: Sequence[TokenizedSequence], pad_id: int, padding_side: str = "left",
+            device: str | torch.device = "cpu") -> Batch:
+    """Pad ``seqs`` into one `Batch` (``padding_side`` ``"left"`` or ``"right"``)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    T = max(s.length for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    start = torch.empty(len(seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        row = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        off = T - s.length if padding_side == "left" else 0
+        ids[i, off:off + s.length] = row
+        mask[i, off:off + s.length] = 1
+        start[i] = off + len(s.prompt_ids)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    lengths = torch.tensor([len(s.response_ids) for s in seqs], dtype=torch.long)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), start.to(device), lengths.to(device), padding_side)
+
+
+@dataclass
+class SequenceLogProbs:
+    """Response log-probs of N sequences; token values left-aligned and zero past each length."""
+    token_logps: Tensor   # (N, L) log π(y^t | x, y^<t), L = max |y|
+    mask: Tensor          # (N, L) bool, True for real response tokens
+    lengths: Tensor       # (N,) long, |y|
+
+    @property
+    def logp(self) -> Tensor:
+        """(N,) ``Σ_t log π(y^t|x,y^<t)``."""
+        return self.token_logps.sum(-1)
+
+    @property
+    def logp_norm(self) -> Tensor:
+        """(N,) length-normalized ``log π(y|x) / |y|``."""
+        return self.logp / self.lengths.to(self.token_logps.dtype)
+
+    def per_sequence(self) -> list[Tensor]:
+        """The token log-probs of each sequence without padding: list of (|y_i|,)."""
+        return [self.token_logps[i, : int(n)] for i, n in enumerate(self.lengths)]
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_context(model, seqs: Sequence[TokenizedSequence]) -> None:
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if ctx is None:
+        return
+    for s in seqs:
+        if s.length > ctx:
+            raise ValueError(f"sequence of {s.length} tokens (prompt {len(s.prompt_ids)} + response "
+                             f"{len(s.response_ids)}) is longer than the model's context of {ctx} tokens; "
+                             "tokenize with max_length and truncation='prompt_left'")
+
+
+def batch_logprobs(model, batch: Batch) -> SequenceLogProbs:
+    """One forward pass of ``model`` on ``batch``; differentiable when grad is enabled.
+
+    The logit at position p predicts the token at p+1, so response token j of row i
+    (at ``start[i] + j``) is scored by the logit at ``start[i] + j - 1``.
+    """
+    N, T = batch.input_ids.shape
+    L = int(batch.lengths.max())
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    keep = 0  # logits kept for the last `keep` positions only (0: all)
+    if batch.padding_side == "left" and _accepts_logits_to_keep(model):
+        keep = L + 1  # responses end at T-1 and start at T-|y_i| ≥ 1 (every prompt has a token)
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits                                              # (N, T' , V)
+    offset = T - logits.shape[1]                                                 # T' = keep or T
+    j = torch.arange(L, device=logits.device)
+    mask = j[None, :] < batch.lengths[:, None]                                   # (N, L)
+    tgt_pos = (batch.start[:, None] + j[None, :]).clamp(max=T - 1)               # (N, L) positions of y^j
+    targets = batch.input_ids.gather(1, tgt_pos)                                 # (N, L)
+    pred_pos = (tgt_pos - 1 - offset).clamp(min=0)                               # (N, L) index into logits
+    pred = logits.gather(1, pred_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V)
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        pred = pred.float()  # log-softmax in float32 for half-precision models
+    token_logps = -F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")  # (N, L)
+    token_logps = token_logps * mask
+    return SequenceLogProbs(token_logps, mask, batch.lengths)
+
+
+def sequence_logprobs(model, seqs: Sequence[TokenizedSequence], pad_id: int, *,
+                      padding_side: str = "left") -> SequenceLogProbs:
+    """Log-probs of the responses of ``seqs`` in one forward pass (see `batch_logprobs`)."""
+    _check_context(model, seqs)
+    device = next(model.parameters()).device
+    return batch_logprobs(model, collate(seqs, pad_id, padding_side, device))
+
+
+@dataclass
+class PairLogProbs:
+    """Chosen and rejected log-probs of B pairs (from one stacked forward pass)."""
+    chosen: SequenceLogProbs
+    rejected: SequenceLogProbs
+
+
+def pair_logprobs(model, pairs: TokenizedPairs, *, padding_side: str = "left") -> PairLogProbs:
+    """Chosen and rejected stacked into one batch of 2B sequences, one forward pass."""
+    B = len(pairs)
+    out = sequence_logprobs(model, pairs.chosen + pairs.rejected, pairs.pad_id, padding_side=padding_side)
+    L_w = int(out.lengths[:B].max())
+    L_l = int(out.lengths[B:].max())
+    return PairLogProbs(
+        SequenceLogProbs(out.token_logps[:B, :L_w], out.mask[:B, :L_w], out.lengths[:B]),
+        SequenceLogProbs(out.token_logps[B:, :L_l], out.mask[B:, :L_l], out.lengths[B:]),
+    )
+
+
+# ---------------------------------------------------------------- reference log-probs
+
+REF_COLUMNS = ["pair_id", "ref_w", "ref_l", "len_w", "len_l", "fingerprint"]
+
+
+def _fingerprint(w: TokenizedSequence, l: TokenizedSequence) -> str:
+    h = hashlib.sha1(repr((w.prompt_ids, w.response_ids, l.prompt_ids, l.response_ids)).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def reference_logprobs(model, pairs: TokenizedPairs, *, batch_size: int = 8,
+                       padding_side: str = "left") -> pd.DataFrame:
+    """Reference log-probs ``log π_ref(y_w|x)``, ``log π_ref(y_l|x)`` of every pair.
+
+    Runs in eval mode without grad (restoring the model's mode). Returns a DataFrame with
+    columns `REF_COLUMNS`; ``fingerprint`` hashes the token ids so a cache can detect staleness.
+    """
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for lo in range(0, len(pairs), batch_size):
+            sub = pairs.subset(range(lo, min(lo + batch_size, len(pairs))))
+            out = pair_logprobs(model, sub, padding_side=padding_side)
+            for k, pid in enumerate(sub.pair_ids):
+                rows.append(dict(pair_id=pid, ref_w=float(out.chosen.logp[k]), ref_l=float(out.rejected.logp[k]),
+                                 len_w=int(out.chosen.lengths[k]), len_l=int(out.rejected.lengths[k]),
+                                 fingerprint=_fingerprint(sub.chosen[k], sub.rejected[k])))
+    finally:
+        model.train(was_training)
+    return pd.DataFrame(rows, columns=REF_COLUMNS)
+
+
+def cached_reference_logprobs(model, pairs: TokenizedPairs, path: str | Path, *,
+                              batch_size: int = 8) -> pd.DataFrame:
+    """`reference_logprobs`, read from / written to the Parquet file ``path``.
+
+    Rows whose token fingerprint matches are reused; missing or stale pairs are recomputed and
+    the file rewritten. Returns rows in the order of ``pairs``.
+    """
+    path = Path(path)
+    have = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=REF_COLUMNS)
+    want = {pid: _fingerprint(w, l) for pid, w, l in zip(pairs.pair_ids, pairs.chosen, pairs.rejected)}
+    good = have[have["pair_id"].map(want) == have["fingerprint"]]
+    todo = [i for i, pid in enumerate(pairs.pair_ids) if pid not in set(good["pair_id"])]
+    if todo:
+        new = reference_logprobs(model, pairs.subset(todo), batch_size=batch_size)
+        good = pd.concat([good, new], ignore_index=True) if len(good) else new
+        path.parent.mkdir(parents=True, exist_ok=True)
+        good.to_parquet(path, index=False)
+    return good.set_index("pair_id").loc[pairs.pair_ids].reset_index()
