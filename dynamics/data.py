@@ -52,22 +52,14 @@ CORE_FIELDS = ("id", "prompt", "chosen", "rejected")
 # --------------------------------------------------------------------------- validation
 
 
-def _text_problem(name: str, value) -> str | None:
-    if not isinstance(value, str):
-        return f"non-text {name} ({type(value).__name__}: {value!r})"
-    if not value.strip():
-        return f"empty {name}"
-    return None
-
-
 def _pair_problem(pair: PreferencePair) -> str | None:
     for name in CORE_FIELDS:
-        problem = _text_problem(name, getattr(pair, name))
-        if problem:
-            return problem
-    if pair.chosen == pair.rejected:
-        return "chosen identical to rejected"
-    return None
+        value = getattr(pair, name)
+        if not isinstance(value, str):
+            return f"non-text {name} ({type(value).__name__}: {value!r})"
+        if not value.strip():
+            return f"empty {name}"
+    return "chosen identical to rejected" if pair.chosen == pair.rejected else None
 
 
 def validate_pairs(
@@ -111,21 +103,12 @@ def validate_pairs(
 
 def _plain(value):
     """numpy scalars/arrays (from Parquet or pandas) -> plain Python, for metadata and JSON."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def pairs_from_rows(
-    rows: Iterable[Mapping],
-    *,
-    prompt: str = "prompt",
-    chosen: str = "chosen",
-    rejected: str = "rejected",
-    id: str | None = None,
-    source: str = "row",
-    limit: int | None = None,
-    on_invalid: str = "raise",
+    rows: Iterable[Mapping], *, prompt: str = "prompt", chosen: str = "chosen", rejected: str = "rejected",
+    id: str | None = None, source: str = "row", limit: int | None = None, on_invalid: str = "raise",
 ) -> PairList:
     """Turn dict-like rows (JSON objects, DataFrame records, a `datasets.Dataset`) into pairs.
 
@@ -135,43 +118,37 @@ def pairs_from_rows(
     goes into `metadata`. A row lacking a mapped column raises ValueError
     listing the missing and the available columns.
     """
-    columns = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    text_cols = [prompt, chosen, rejected]
 
     def generate():
         for i, row in enumerate(rows):
-            wanted = list(columns.values()) + ([id] if id is not None else [])
-            missing = [c for c in wanted if c not in row]
+            missing = [c for c in text_cols + ([id] if id is not None else []) if c not in row]
             if missing:
-                raise ValueError(
-                    f"{source} {i}: missing column(s) {missing}; available: {sorted(map(str, row))}"
-                )
+                raise ValueError(f"{source} {i}: missing column(s) {missing}; available: {sorted(map(str, row))}")
             id_col = id if id is not None else ("id" if "id" in row else None)
             pid = _plain(row[id_col]) if id_col is not None else f"{source}-{i}"
-            if isinstance(pid, int) and not isinstance(pid, bool):
-                pid = str(pid)
-            used = set(columns.values()) | {id_col}
-            meta = {str(k): _plain(v) for k, v in row.items() if k not in used}
-            yield PreferencePair(
-                pid, *(_plain(row[columns[f]]) for f in ("prompt", "chosen", "rejected")), meta
-            )
+            pid = str(pid) if isinstance(pid, int) and not isinstance(pid, bool) else pid
+            meta = {str(k): _plain(v) for k, v in row.items() if k not in {*text_cols, id_col}}
+            yield PreferencePair(pid, *(_plain(row[c]) for c in text_cols), meta)
 
     return validate_pairs(generate(), on_invalid=on_invalid, limit=limit)
 
 
 def _read_json_rows(path: Path) -> list[dict]:
+    """A JSON list of objects (`.json` starting with `[`) or JSON lines; each row must be an object."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of objects")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
             try:
-                rows.append(json.loads(line))
+                rows += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from None
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad:
+        raise ValueError(f"{path}: row {bad[0]} is not a JSON object")
     return rows
 
 
@@ -181,11 +158,7 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_json_rows(path)
-        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
-        if bad:
-            raise ValueError(f"{path}: row {bad[0]} is not a JSON object")
-        return rows
+        return _read_json_rows(path)
     if suffix == ".csv":
         # dtype=str and no NA parsing: an empty cell stays "" (caught as empty), "NA" stays text.
         return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
@@ -195,14 +168,8 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def load_pairs(
-    path: str | Path,
-    *,
-    prompt: str = "prompt",
-    chosen: str = "chosen",
-    rejected: str = "rejected",
-    id: str | None = None,
-    limit: int | None = None,
-    on_invalid: str = "raise",
+    path: str | Path, *, prompt: str = "prompt", chosen: str = "chosen", rejected: str = "rejected",
+    id: str | None = None, limit: int | None = None, on_invalid: str = "raise",
 ) -> PairList:
     """Load pairs from a JSONL, JSON (a list of objects, or JSON lines), CSV or Parquet file.
 
@@ -212,50 +179,39 @@ def load_pairs(
     them into `.skipped`); `limit` keeps the first `limit` valid pairs.
     """
     path = Path(path)
-    rows = _read_rows(path)
-    return pairs_from_rows(
-        rows, prompt=prompt, chosen=chosen, rejected=rejected, id=id,
-        source=path.stem, limit=limit, on_invalid=on_invalid,
-    )
+    return pairs_from_rows(_read_rows(path), prompt=prompt, chosen=chosen, rejected=rejected, id=id,
+                           source=path.stem, limit=limit, on_invalid=on_invalid)
 
 
 def load_hf_dataset(
-    name: str,
-    split: str = "train",
-    *,
-    config: str | None = None,
-    prompt: str = "prompt",
-    chosen: str = "chosen",
-    rejected: str = "rejected",
-    id: str | None = None,
-    limit: int | None = None,
-    on_invalid: str = "raise",
+    name: str, split: str = "train", *, config: str | None = None, limit: int | None = None,
+    on_invalid: str = "raise", **columns: str | None,
 ) -> PairList:
     """Load pairs from a Hugging Face dataset (hub id or local path; needs `datasets`).
 
-    Columns must hold plain text: conversational datasets (lists of messages)
-    need flattening with the model's chat template first, or they fail
-    validation as non-text. Column mapping as in `pairs_from_rows`.
+    `columns` are the `prompt=, chosen=, rejected=, id=` mapping of
+    `pairs_from_rows`. Columns must hold plain text: conversational datasets
+    (lists of messages) need flattening with the model's chat template first,
+    or they fail validation as non-text.
     """
     try:
         import datasets
     except ImportError as e:
         raise ImportError("load_hf_dataset needs the `datasets` package: pip install 'dynamics[hf]'") from e
     ds = datasets.load_dataset(name, config, split=split)
-    return pairs_from_rows(
-        ds, prompt=prompt, chosen=chosen, rejected=rejected, id=id,
-        source=f"{name}:{split}", limit=limit, on_invalid=on_invalid,
-    )
+    return pairs_from_rows(ds, source=f"{name}:{split}", limit=limit, on_invalid=on_invalid, **columns)
+
+
+def _record(p: PreferencePair) -> dict:
+    clash = [k for k in p.metadata if k in CORE_FIELDS]
+    if clash:
+        raise ValueError(f"pair {p.id!r}: metadata keys {clash} clash with the pair's own fields")
+    return {"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata}
 
 
 def pairs_to_frame(pairs: Iterable[PreferencePair]) -> pd.DataFrame:
     """One row per pair: `id, prompt, chosen, rejected` then the metadata keys as columns."""
-    records = []
-    for p in pairs:
-        clash = [k for k in p.metadata if k in CORE_FIELDS]
-        if clash:
-            raise ValueError(f"pair {p.id!r}: metadata keys {clash} clash with the pair's own fields")
-        records.append({"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata})
+    records = [_record(p) for p in pairs]
     return pd.DataFrame(records, columns=None if records else list(CORE_FIELDS))
 
 
@@ -267,11 +223,7 @@ def save_pairs(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for p in pairs:
-            clash = [k for k in p.metadata if k in CORE_FIELDS]
-            if clash:
-                raise ValueError(f"pair {p.id!r}: metadata keys {clash} clash with the pair's own fields")
-            obj = {"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata}
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            f.write(json.dumps(_record(p), ensure_ascii=False) + "\n")
     return path
 
 
@@ -299,16 +251,14 @@ def load_tldr(path: str | Path, limit: int | None = None, *, on_invalid: str = "
             info, summaries, choice = row["info"], row["summaries"], row["choice"]
             if choice not in (0, 1) or len(summaries) != 2:
                 raise ValueError(f"{path}: line {i}: expected two summaries and choice 0/1, got choice={choice!r}")
-            texts = [s["text"] if not isinstance(s["text"], str) or s["text"].startswith(" ") else " " + s["text"]
-                     for s in summaries]
-            meta = {
-                "post_id": info.get("id"), "subreddit": info.get("subreddit"), "split": row.get("split"),
-                "chosen_policy": summaries[choice].get("policy"),
-                "rejected_policy": summaries[1 - choice].get("policy"),
-                "confidence": (row.get("extra") or {}).get("confidence"), "batch": row.get("batch"),
-            }
-            prompt = TLDR_TEMPLATE.format(subreddit=info.get("subreddit"), title=info.get("title"), post=info.get("post"))
-            yield PreferencePair(f"{info.get('id', path.stem)}-{i}", prompt, texts[choice], texts[1 - choice], meta)
+            yw, yl = (summaries[choice]["text"], summaries[1 - choice]["text"])
+            yw, yl = (" " + t if isinstance(t, str) and not t.startswith(" ") else t for t in (yw, yl))
+            meta = {"post_id": info.get("id"), "subreddit": info.get("subreddit"), "split": row.get("split"),
+                    "chosen_policy": summaries[choice].get("policy"),
+                    "rejected_policy": summaries[1 - choice].get("policy"),
+                    "confidence": (row.get("extra") or {}).get("confidence"), "batch": row.get("batch")}
+            prompt = TLDR_TEMPLATE.format(**{k: info.get(k) for k in ("subreddit", "title", "post")})
+            yield PreferencePair(f"{info.get('id', path.stem)}-{i}", prompt, yw, yl, meta)
 
     return validate_pairs(generate(), on_invalid=on_invalid, limit=limit)
 
@@ -348,12 +298,11 @@ def sentiment_pair(
     """
     if "{text}" not in template:
         raise ValueError(f"template must contain '{{text}}', got {template!r}")
+    chosen = sentiment_response(label, style)  # checks label and style
+    rejected = sentiment_response(LABELS[1 - LABELS.index(label)], style)
     text = " ".join(str(text).split())
-    wrong = LABELS[1 - LABELS.index(label)] if label in LABELS else label
-    return PreferencePair(
-        id, template.replace("{text}", text), sentiment_response(label, style), sentiment_response(wrong, style),
-        {"label": label, "style": style, "text": text},
-    )
+    return PreferencePair(id, template.replace("{text}", text), chosen, rejected,
+                          {"label": label, "style": style, "text": text})
 
 
 def _balanced(pos: list, neg: list, *, seed: int, balanced: bool, limit: int | None) -> list:
@@ -372,13 +321,8 @@ def _balanced(pos: list, neg: list, *, seed: int, balanced: bool, limit: int | N
 
 
 def load_tweets(
-    path: str | Path,
-    style: str = "long_suffix",
-    *,
-    limit: int | None = None,
-    seed: int = 0,
-    balanced: bool = True,
-    template: str = DEFAULT_TEMPLATE,
+    path: str | Path, style: str = "long_suffix", *, limit: int | None = None, seed: int = 0,
+    balanced: bool = True, template: str = DEFAULT_TEMPLATE,
 ) -> PairList:
     """Sentiment pairs from the Kaggle tweet CSV (`textID,text,selected_text,sentiment`).
 
@@ -394,8 +338,8 @@ def load_tweets(
         raise ValueError(f"{path}: missing column(s) {missing}; available: {list(df.columns)}")
     df = df.assign(text=df["text"].map(lambda t: " ".join(t.split())))
     df = df[df["sentiment"].isin(LABELS) & (df["text"] != "")]
-    pos, neg = ([(t, x, lab) for t, x in zip(g["textID"], g["text"])]
-                for lab, g in ((lab, df[df["sentiment"] == lab]) for lab in LABELS))
+    rows = list(zip(df["textID"], df["text"], df["sentiment"]))
+    pos, neg = ([r for r in rows if r[2] == label] for label in LABELS)
     rows = _balanced(pos, neg, seed=seed, balanced=balanced, limit=None)
     return validate_pairs((sentiment_pair(t, x, lab, style, template) for t, x, lab in rows), limit=limit)
 
@@ -415,19 +359,9 @@ def builtin_sentiment_pairs(
     return validate_pairs(sentiment_pair(i, t, lab, style, template) for i, t, lab in rows)
 
 
-def _is_tweet_csv(path: Path) -> bool:
-    if path.suffix.lower() != ".csv":
-        return False
-    return {"textID", "text", "sentiment"} <= set(pd.read_csv(path, nrows=0).columns)
-
-
 def sentiment_pairs(
-    source: str | Path | None = None,
-    style: str = "long_suffix",
-    *,
-    limit: int | None = None,
-    seed: int = 0,
-    template: str = DEFAULT_TEMPLATE,
+    source: str | Path | None = None, style: str = "long_suffix", *, limit: int | None = None,
+    seed: int = 0, template: str = DEFAULT_TEMPLATE,
 ) -> PairList:
     """One entry point for the sentiment task.
 
@@ -438,17 +372,13 @@ def sentiment_pairs(
     if source is None:
         return builtin_sentiment_pairs(style, n=limit, seed=seed, template=template)
     path = Path(source)
-    if _is_tweet_csv(path):
+    if path.suffix.lower() == ".csv" and {"textID", "text", "sentiment"} <= set(pd.read_csv(path, nrows=0).columns):
         return load_tweets(path, style, limit=limit, seed=seed, template=template)
     return load_pairs(path, limit=limit)
 
 
 def split_pairs(
-    pairs: Sequence[PreferencePair],
-    eval_fraction: float | None = None,
-    *,
-    n_eval: int | None = None,
-    seed: int = 0,
+    pairs: Sequence[PreferencePair], eval_fraction: float | None = None, *, n_eval: int | None = None, seed: int = 0,
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Deterministic (train, eval) split; give `eval_fraction` or `n_eval` (default: 10%).
 
@@ -483,18 +413,19 @@ def shared_data_dir(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def default_tweets_path(root: str | Path) -> Path | None:
-    """The tweet training CSV under `shared_data_dir(root)`, or None when absent."""
+def _shared_file(root: str | Path, *parts: str) -> Path | None:
     base = shared_data_dir(root)
-    path = base / "tweets" / "train.csv" if base else None
-    return path if path is not None and path.is_file() else None
+    return base.joinpath(*parts) if base is not None and base.joinpath(*parts).is_file() else None
+
+
+def default_tweets_path(root: str | Path) -> Path | None:
+    """`tweets/train.csv` under `shared_data_dir(root)`, or None when absent."""
+    return _shared_file(root, "tweets", "train.csv")
 
 
 def default_tldr_path(root: str | Path) -> Path | None:
-    """The TL;DR comparisons `tldr/batch13.json` under `shared_data_dir(root)`, or None when absent."""
-    base = shared_data_dir(root)
-    path = base / "tldr" / "batch13.json" if base else None
-    return path if path is not None and path.is_file() else None
+    """`tldr/batch13.json` (TL;DR comparisons) under `shared_data_dir(root)`, or None when absent."""
+    return _shared_file(root, "tldr", "batch13.json")
 
 
 # --------------------------------------------------------------------------- quality summary
@@ -551,11 +482,11 @@ def quality_summary(pairs: Sequence[PreferencePair], tokenizer=None) -> dict:
     toks = {name: [ids(getattr(p, name)) for p in pairs] for name in ("prompt", "chosen", "rejected")}
     for name, seqs in toks.items():
         out.update(_stats(f"{name}_tokens", [len(s) for s in seqs]))
-    pre_suf = [shared_prefix_suffix(w, l) for w, l in zip(toks["chosen"], toks["rejected"])]
+    pre_suf = [shared_prefix_suffix(yw, yl) for yw, yl in zip(toks["chosen"], toks["rejected"])]
     out.update(_stats("shared_prefix_tokens", [p for p, _ in pre_suf]))
     out.update(_stats("shared_suffix_tokens", [s for _, s in pre_suf]))
     out["n_one_token_diff"] = sum(
-        len(w) == len(l) and p + s == len(w) - 1
-        for w, l, (p, s) in zip(toks["chosen"], toks["rejected"], pre_suf)
+        len(yw) == len(yl) and p + s == len(yw) - 1
+        for yw, yl, (p, s) in zip(toks["chosen"], toks["rejected"], pre_suf)
     )
     return out
