@@ -12,7 +12,7 @@ Three sources, one entry point (`load_model`):
   deterministic from a seed, with a tiny byte-level BPE tokenizer trained in code
   (`tiny_tokenizer`). They exercise three parameter layouts: GPT-2 (``Conv1D``, LayerNorm,
   tied ``wte``, learned positions), Llama (bias-free ``Linear``, RMSNorm, tied embeddings,
-  rotary), GPT-NeoX (``Linear`` with biases, LayerNorm, untied ``embed_out``).
+  rotary), GPT-NeoX (``Linear`` with biases, LayerNorm, untied ``lm_head``).
 - anything else: a hub id or local path, loaded with ``from_pretrained`` as usual.
 
 Analysis needs dropout off: models are returned in ``eval()`` mode unless ``train=True``.

@@ -23,7 +23,7 @@ def test_tiny_layouts():
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight          # tied, Conv1D blocks
     assert type(gpt2.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     assert llama.lm_head.weight is llama.model.embed_tokens.weight     # tied, RMSNorm
-    assert neox.embed_out.weight is not neox.gpt_neox.embed_in.weight  # untied, biased Linear
+    assert neox.lm_head.weight is not neox.gpt_neox.embed_in.weight    # untied, biased Linear
     assert neox.gpt_neox.layers[0].attention.query_key_value.bias is not None
 
 
