@@ -15,15 +15,17 @@ than ``max_length`` raises; with ``truncation="prompt_left"`` prompt tokens are 
 left and the number dropped is recorded per sequence (``n_prompt_truncated``). A sequence longer
 than the model's context (``config.max_position_embeddings``) always raises.
 
-Padding. ``padding_side="left"`` (default) right-aligns every response, so only the last
-``max |y|`` positions need logits (``logits_to_keep``): with long TL;DR prompts and a 49k
-vocabulary this saves most of the lm_head work. ``"right"`` gives identical numbers (tested).
-Position ids are ``cumsum(attention_mask) - 1``, so either side sees the same positions.
+Padding. ``padding_side="right"`` (default) or ``"left"`` give identical log-probs (tested);
+position ids are ``cumsum(attention_mask) - 1``, so either side sees the same positions. Right
+is the default because with left padding a pad query row attends to nothing, and in eager
+attention transformers' Llama/GPT-NeoX then produce NaN hidden states at the pad positions; the
+values at real positions stay right but the NaN leaks into *gradients* (0·NaN in the attention
+backward). The lm_head runs only at the positions that predict response tokens, so long
+prompts (TL;DR) and a 49k vocabulary cost no full-sequence logits.
 """
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -138,7 +140,7 @@ class Batch:
     padding_side: str
 
 
-def collate(seqs: Sequence[TokenizedSequence], pad_id: int, padding_side: str = "left",
+def collate(seqs: Sequence[TokenizedSequence], pad_id: int, padding_side: str = "right",
             device: str | torch.device = "cpu") -> Batch:
     """Pad ``seqs`` into one `Batch` (``padding_side`` ``"left"`` or ``"right"``)."""
     if padding_side not in ("left", "right"):
@@ -180,11 +182,23 @@ class SequenceLogProbs:
         return [self.token_logps[i, : int(n)] for i, n in enumerate(self.lengths)]
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper (LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def body_and_head(model):
+    """``(body, head)`` of a transformers causal LM — ``logits = head(body(...).last_hidden_state)``
+    — or None when the model is not of that form (custom modules, logit scaling/soft-capping)."""
+    model = unwrap(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    body = getattr(model, "base_model", None)
+    cfg = getattr(model, "config", None)
+    scaled = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
+    if not isinstance(head, torch.nn.Linear) or body is None or body is model or scaled:
+        return None
+    return body, head
 
 
 def _check_context(model, seqs: Sequence[TokenizedSequence]) -> None:
@@ -202,23 +216,25 @@ def batch_logprobs(model, batch: Batch) -> SequenceLogProbs:
     """One forward pass of ``model`` on ``batch``; differentiable when grad is enabled.
 
     The logit at position p predicts the token at p+1, so response token j of row i
-    (at ``start[i] + j``) is scored by the logit at ``start[i] + j - 1``.
+    (at ``start[i] + j``) is scored by the logit at ``start[i] + j - 1``. For transformers
+    models (`body_and_head`) the lm_head runs only at those N·L positions.
     """
     N, T = batch.input_ids.shape
     L = int(batch.lengths.max())
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    keep = 0  # logits kept for the last `keep` positions only (0: all)
-    if batch.padding_side == "left" and _accepts_logits_to_keep(model):
-        keep = L + 1  # responses end at T-1 and start at T-|y_i| ≥ 1 (every prompt has a token)
-        kwargs["logits_to_keep"] = keep
-    logits = model(**kwargs).logits                                              # (N, T' , V)
-    offset = T - logits.shape[1]                                                 # T' = keep or T
-    j = torch.arange(L, device=logits.device)
+    j = torch.arange(L, device=batch.input_ids.device)
     mask = j[None, :] < batch.lengths[:, None]                                   # (N, L)
     tgt_pos = (batch.start[:, None] + j[None, :]).clamp(max=T - 1)               # (N, L) positions of y^j
     targets = batch.input_ids.gather(1, tgt_pos)                                 # (N, L)
-    pred_pos = (tgt_pos - 1 - offset).clamp(min=0)                               # (N, L) index into logits
-    pred = logits.gather(1, pred_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V)
+    pred_pos = tgt_pos - 1                                                       # (N, L) their predictors
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    split = body_and_head(model)
+    if split is not None:
+        body, head = split
+        h = body(**inputs, use_cache=False).last_hidden_state                    # (N, T, d)
+        pred = head(h.gather(1, pred_pos[..., None].expand(-1, -1, h.shape[-1])))  # (N, L, V)
+    else:
+        logits = model(**inputs).logits                                         # (N, T, V)
+        pred = logits.gather(1, pred_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V)
     if pred.dtype in (torch.float16, torch.bfloat16):
         pred = pred.float()  # log-softmax in float32 for half-precision models
     token_logps = -F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")  # (N, L)
@@ -227,7 +243,7 @@ def batch_logprobs(model, batch: Batch) -> SequenceLogProbs:
 
 
 def sequence_logprobs(model, seqs: Sequence[TokenizedSequence], pad_id: int, *,
-                      padding_side: str = "left") -> SequenceLogProbs:
+                      padding_side: str = "right") -> SequenceLogProbs:
     """Log-probs of the responses of ``seqs`` in one forward pass (see `batch_logprobs`)."""
     _check_context(model, seqs)
     device = next(model.parameters()).device
@@ -241,7 +257,7 @@ class PairLogProbs:
     rejected: SequenceLogProbs
 
 
-def pair_logprobs(model, pairs: TokenizedPairs, *, padding_side: str = "left") -> PairLogProbs:
+def pair_logprobs(model, pairs: TokenizedPairs, *, padding_side: str = "right") -> PairLogProbs:
     """Chosen and rejected stacked into one batch of 2B sequences, one forward pass."""
     B = len(pairs)
     out = sequence_logprobs(model, pairs.chosen + pairs.rejected, pairs.pad_id, padding_side=padding_side)
@@ -265,7 +281,7 @@ def _fingerprint(w: TokenizedSequence, l: TokenizedSequence) -> str:
 
 @torch.no_grad()
 def reference_logprobs(model, pairs: TokenizedPairs, *, batch_size: int = 8,
-                       padding_side: str = "left") -> pd.DataFrame:
+                       padding_side: str = "right") -> pd.DataFrame:
     """Reference log-probs ``log π_ref(y_w|x)``, ``log π_ref(y_l|x)`` of every pair.
 
     Runs in eval mode without grad (restoring the model's mode). Returns a DataFrame with

@@ -1,0 +1,421 @@
+"""Exact gradient inner products without materializing per-example gradients ("ghost" engine).
+
+Every parameter use in a network is a sum of outer products. A linear layer ``y = W x`` used at
+positions τ of item i contributes ``g_i = Σ_τ b_iτ ⊗ a_iτ`` to ``∇W`` (``a``: input, ``b``:
+gradient of the output). Hence (DESIGN.md, "Fast exact gradient inner products")::
+
+    ⟨g_i, g_j⟩ = Σ_{τ,σ} (a_iτ·a_jσ) (b_iτ·b_jσ)                  cost T_i T_j (d_in + d_out)
+
+instead of ``d_in·d_out`` per item. The same identity covers every use we meet, with a
+*factor* on each side of the outer product:
+
+    Linear     W (out, in):  rows = ∂y (dense),   cols = x
+    Conv1D     W (in, out):  rows = x,            cols = ∂y        (transformers' GPT-2 layer)
+    Embedding  W (V, d):     rows = one-hot(ids), cols = ∂y        (a·a' becomes [x_τ = x'_σ])
+    bias       b (out,):     rows = ∂y,           cols = 1
+    lm_head    W (V, d):     rows = e_y - π,      cols = h         (no backward needed)
+
+A parameter used twice (tied embedding / lm_head) gets the cross terms between its uses.
+Norm weights and any other module type are *materialized* per item with a per-module
+``torch.func`` vjp (small). For each parameter the cheaper of the ghost contraction and the
+materialized per-item gradient is chosen by a flop count.
+
+Items are sequences (sentence level: ``g_i = ∇ log π(y_i|x_i)``) or the tokens of one response
+(token level: ``g^t = ∇ log π(y^t|x, y^<t)``). The network body runs forward once with hooks
+that record each use's input and output; the output gradients come from one backward (sentence
+level) or one batched backward over the token log-probs (token level, ``is_grads_batched``,
+chunked), started at the final hidden state with the analytic cotangent ``(e_y - π) W``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynamics.logprobs import Batch, TokenizedSequence, body_and_head, collate, unwrap
+
+
+# ------------------------------------------------------------------------------ factors
+
+@dataclass
+class Factor:
+    """One side of a use's outer products: ``x`` is (I, T, k) dense or (I, T) ids (one-hot).
+
+    ``I`` is the number of items, or 1 when the factor is shared by all items (token level:
+    a layer's input does not depend on which token's log-prob is differentiated).
+    """
+    x: Tensor
+    onehot: bool = False
+    shared: bool = False
+
+    @property
+    def dim(self) -> int:
+        """k for the cost model (a one-hot dot product costs one comparison)."""
+        return 1 if self.onehot else self.x.shape[-1]
+
+
+@dataclass
+class Use:
+    """One use of a parameter: per item, ``g_i = Σ_τ rows[i,τ] ⊗ cols[i,τ]`` (parameter layout),
+    or a materialized per-item gradient ``mat`` of shape (I, numel)."""
+    rows: Factor | None = None
+    cols: Factor | None = None
+    mat: Tensor | None = None
+
+
+def _dot(fa: Factor, fb: Factor) -> Tensor:
+    """``fa[i,τ]·fb[j,σ]`` for all items and positions: (Ia, Ta, Ib, Tb) (I=1 when shared).
+
+    Two one-hot factors give a boolean equality tensor ``[x_iτ = x'_jσ]``.
+    """
+    if fa.onehot and fb.onehot:
+        return fa.x[:, :, None, None] == fb.x[None, None]
+    if fa.onehot:  # e_{x_aτ} · fb[j,σ] = fb[j, σ, x_aτ]
+        Ia, Ta = fa.x.shape
+        Ib, Tb, _ = fb.x.shape
+        g = fb.x[:, :, fa.x.reshape(-1)]                         # (Ib, Tb, Ia*Ta)
+        return g.reshape(Ib, Tb, Ia, Ta).permute(2, 3, 0, 1)
+    if fb.onehot:
+        return _dot(fb, fa).permute(2, 3, 0, 1)
+    return torch.einsum("atk,bsk->atbs", fa.x, fb.x)
+
+
+def _two_step(ua: Use, ub: Use) -> str | None:
+    """"rows" / "cols" when that side is shared by all items in both uses and the other side is
+    item-dependent and dense in both (token level), else None."""
+    for shared, other in (("rows", "cols"), ("cols", "rows")):
+        fa, fb, oa, ob = getattr(ua, shared), getattr(ub, shared), getattr(ua, other), getattr(ub, other)
+        if fa.shared and fb.shared and not (oa.shared or ob.shared or oa.onehot or ob.onehot):
+            return shared
+    return None
+
+
+def _pair(ua: Use, ub: Use, Ia: int, Ib: int, diag: bool) -> Tensor:
+    """Σ_{τσ} (rows·rows)(cols·cols) between the items of two uses: (Ia, Ib), or (Ia,) if diag."""
+    shared = _two_step(ua, ub)
+    if shared is not None:
+        # One side shared by all items (K), the other item-dependent (Y): two small contractions,
+        # M[i,j] = Σ_{τσ} K[τ,σ] Y_a[i,τ]·Y_b[j,σ]          cost Ib·Ta·Tb·m + Ia·Ib·Ta·m
+        other = "cols" if shared == "rows" else "rows"
+        Ya, Yb = getattr(ua, other).x, getattr(ub, other).x                       # (I, T, m)
+        K = _dot(getattr(ua, shared), getattr(ub, shared))[0, :, 0, :].to(Ya.dtype)  # (Ta, Tb)
+        if diag:
+            W = torch.einsum("uv,ivm->ium", K, Ya)
+            return (Ya * W).sum((1, 2))
+        W = torch.einsum("uv,jvm->jum", K, Yb)                                     # (Ib, Ta, m)
+        return torch.einsum("ium,jum->ij", Ya, W)
+    R, C = _dot(ua.rows, ub.rows), _dot(ua.cols, ub.cols)                          # (Ia|1, Ta, Ib|1, Tb)
+    R, C = (R.to(C.dtype), C) if R.dtype == torch.bool else (R, C.to(R.dtype))
+    M = (R * C).sum((1, 3)).expand(Ia, Ib)
+    return M.diagonal() if diag else M
+
+
+def _materialize(u: Use, I: int) -> Tensor:
+    """Per-item gradient of a use, flattened: (I, r*c)."""
+    if u.mat is not None:
+        return u.mat
+    if u.rows.onehot or u.cols.onehot:
+        raise NotImplementedError("one-hot (embedding) uses are never materialized")
+    r = u.rows.x.expand(I, *u.rows.x.shape[1:])
+    c = u.cols.x.expand(I, *u.cols.x.shape[1:])
+    return torch.einsum("itr,itc->irc", r, c).reshape(I, -1)
+
+
+def _cost_ghost(ua: Use, ub: Use, Ia: int, Ib: int) -> float:
+    Ta, Tb = ua.rows.x.shape[1], ub.rows.x.shape[1]
+    k = ua.rows.dim + ua.cols.dim
+    shared = _two_step(ua, ub)
+    if shared is not None:
+        m = (ua.cols if shared == "rows" else ua.rows).dim
+        return Ta * Tb * k + Ib * Ta * Tb * m + Ia * Ib * Ta * m
+    return Ia * Ta * Ib * Tb * k
+
+
+def _cost_mat(uses_a: list[Use], uses_b: list[Use], Ia: int, Ib: int) -> float:
+    if any(u.mat is None and (u.rows.onehot or u.cols.onehot) for u in uses_a + uses_b):
+        return float("inf")
+    def size(u):
+        return u.mat.shape[1] if u.mat is not None else u.rows.dim * u.cols.dim
+    def build(u, I):
+        return 0 if u.mat is not None else I * u.rows.x.shape[1] * size(u)
+    P = size(uses_a[0])
+    return sum(build(u, Ia) for u in uses_a) + sum(build(u, Ib) for u in uses_b) + Ia * Ib * P
+
+
+def gram_from_uses(uses_a: dict[int, list[Use]], uses_b: dict[int, list[Use]], Ia: int, Ib: int,
+                   *, diag: bool = False) -> Tensor:
+    """``Σ_params ⟨Σ_u g^u_a[i], Σ_v g^v_b[j]⟩`` — (Ia, Ib), or (Ia,) when ``diag`` (a is b).
+
+    Per parameter, the cheaper of the pairwise ghost contractions and the materialized
+    per-item gradients is used.
+    """
+    out = None
+    for pid, ua_list in uses_a.items():
+        ub_list = uses_b[pid]
+        has_mat = any(u.mat is not None for u in ua_list + ub_list)
+        c_mat = _cost_mat(ua_list, ub_list, Ia, Ib)
+        if has_mat or c_mat < sum(_cost_ghost(u, v, Ia, Ib) for u in ua_list for v in ub_list):
+            if c_mat == float("inf"):
+                raise NotImplementedError("a parameter with both an embedding use and a materialized use")
+            Ga = sum(_materialize(u, Ia) for u in ua_list)                                # (Ia, P)
+            if diag:
+                term = (Ga * Ga).sum(1)
+            else:
+                Gb = sum(_materialize(v, Ib) for v in ub_list)
+                term = Ga @ Gb.T
+        else:
+            term = sum(_pair(u, v, Ia, Ib, diag) for u in ua_list for v in ub_list)
+        out = term if out is None else out + term
+    if out is None:
+        raise ValueError("no parameters selected")
+    return out
+
+
+# ------------------------------------------------------------------------------ capture
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def _body_and_head(model):
+    split = body_and_head(model)
+    if split is None:
+        raise NotImplementedError(f"{type(unwrap(model)).__name__} is not a transformers causal LM with a "
+                                  "linear lm_head and no logit scaling; use impl='func' or 'autograd'")
+    return split
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    names: list[tuple[str, nn.Parameter]]   # selected (role, parameter) of this module
+    inp: Tensor
+    out: Tensor
+
+
+@contextlib.contextmanager
+def _recording(body: nn.Module, params: dict[str, nn.Parameter]):
+    """Forward hooks on every body module that owns a selected parameter; always removed."""
+    wanted = {id(p) for p in params.values()}
+    calls: list[_Call] = []
+    handles = []
+
+    def make_hook(module, names):
+        def hook(mod, args, kwargs, output):
+            tensors = [a for a in args if isinstance(a, Tensor)] + [v for v in kwargs.values() if isinstance(v, Tensor)]
+            if len(tensors) != 1 or not isinstance(output, Tensor):
+                raise NotImplementedError(
+                    f"module {type(mod).__name__} takes {len(tensors)} tensor inputs / returns "
+                    f"{type(output).__name__}; the ghost engine needs one tensor in and one out")
+            calls.append(_Call(mod, names, tensors[0].detach(), output))
+        return hook
+
+    try:
+        for mname, module in body.named_modules():
+            names = [(r, p) for r, p in module.named_parameters(recurse=False) if id(p) in wanted]
+            if names:
+                handles.append(module.register_forward_hook(make_hook(module, names), with_kwargs=True))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _mask_positions(t: Tensor, keep: Tensor) -> Tensor:
+    """Zero ``t`` (N, T, ...) where ``keep`` (N, T) is False (no-op for other shapes)."""
+    if t.shape[:2] != keep.shape:
+        return t
+    k = keep.reshape(*keep.shape, *([1] * (t.dim() - 2)))
+    return torch.where(k, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(I, ..., k) -> (I, positions, k)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _uses_of_call(call: _Call, grad: Tensor, shared: bool) -> list[tuple[int, Use]]:
+    """Uses of one recorded module call given the output gradient.
+
+    ``grad``: (I, *out.shape[1:]) with the output's batch dim replaced by items (token level,
+    ``shared=True``: the input is the same for all items) or equal to it (sentence level).
+    """
+    x = call.inp
+    I = grad.shape[0]
+    if shared:  # (1, T, ...) input of one sequence; grads (L, 1, T, ...) -> (L, T, ...)
+        grad = grad.reshape(I, *grad.shape[2:])
+        x = x.reshape(1, *x.shape[1:])
+    m = call.module
+    out = []
+    conv1d = _conv1d_type()
+    if isinstance(m, nn.Embedding):
+        if m.max_norm is not None:
+            raise NotImplementedError("nn.Embedding with max_norm is not supported")
+        ids = x.reshape(x.shape[0], -1)                                        # (I|1, T)
+        g = _flat(grad)                                                         # (I, T, d)
+        if m.padding_idx is not None:  # no gradient flows into the padding row
+            g = g * (ids != m.padding_idx).unsqueeze(-1).to(g.dtype)
+        for role, p in call.names:
+            out.append((id(p), Use(Factor(ids, onehot=True, shared=shared), Factor(g))))
+        return out
+    if isinstance(m, nn.Linear) or (conv1d and isinstance(m, conv1d)):
+        a, b = Factor(_flat(x), shared=shared), Factor(_flat(grad))
+        ones = Factor(torch.ones(1, b.x.shape[1], 1, dtype=grad.dtype, device=grad.device), shared=True)
+        for role, p in call.names:
+            if role == "weight":
+                use = Use(b, a) if isinstance(m, nn.Linear) else Use(a, b)
+            else:  # bias: Σ_τ b_τ ⊗ 1
+                use = Use(b, ones)
+            out.append((id(p), use))
+        return out
+    # Fallback: materialize this module's per-item parameter gradients with torch.func.
+    from torch.func import functional_call, vjp, vmap
+    base = {r: p.detach() for r, p in call.names}
+
+    def one(xi, gi):
+        f = lambda prm: functional_call(m, prm, (xi.unsqueeze(0),))
+        return vjp(f, base)[1](gi.unsqueeze(0))[0]
+
+    grads = vmap(one, in_dims=(None if shared else 0, 0))(x[0] if shared else x, grad)
+    for role, p in call.names:
+        out.append((id(p), Use(mat=grads[role].reshape(I, -1))))
+    return out
+
+
+@contextlib.contextmanager
+def _requires_grad(params: dict[str, nn.Parameter]):
+    flags = [(p, p.requires_grad) for p in params.values()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _head_forward(head: nn.Linear, h: Tensor, batch: Batch):
+    """Logits at the positions that predict response tokens and the analytic gradients.
+
+    Returns ``h_sel`` (N, L, d), ``r = mask·(e_y - π)`` (N, L, V) — ∂ log π(y^t)/∂ logits —,
+    the positions (N, L) and the mask (N, L).
+    """
+    N, T = batch.input_ids.shape
+    L = int(batch.lengths.max())
+    j = torch.arange(L, device=h.device)
+    mask = j[None, :] < batch.lengths[:, None]                                   # (N, L)
+    tgt = (batch.start[:, None] + j[None, :]).clamp(max=T - 1)                   # (N, L)
+    pos = tgt - 1
+    h_sel = h.detach().gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))     # (N, L, d)
+    with torch.no_grad():
+        logits = F.linear(h_sel, head.weight, head.bias)                         # (N, L, V)
+        pi = torch.softmax(logits, -1)
+        y = batch.input_ids.gather(1, tgt)                                       # (N, L)
+        r = -pi
+        r.scatter_add_(-1, y[..., None], torch.ones_like(y[..., None], dtype=r.dtype))
+        r = r * mask[..., None].to(r.dtype)
+    return h_sel, r, pos, mask
+
+
+def _head_uses(head: nn.Linear, params, h_sel: Tensor, r: Tensor) -> list[tuple[int, Use]]:
+    """lm_head uses: weight ``Σ_t r_t ⊗ h_t``, bias ``Σ_t r_t`` (items on dim 0)."""
+    wanted = {id(p) for p in params.values()}
+    out = []
+    if id(head.weight) in wanted:
+        out.append((id(head.weight), Use(Factor(r), Factor(h_sel))))
+    if head.bias is not None and id(head.bias) in wanted:
+        out.append((id(head.bias), Use(Factor(r), Factor(torch.ones(*r.shape[:2], 1, dtype=r.dtype, device=r.device)))))
+    return out
+
+
+def _group(pairs: list[tuple[int, Use]], params) -> dict[int, list[Use]]:
+    groups: dict[int, list[Use]] = {}
+    for pid, use in pairs:
+        groups.setdefault(pid, []).append(use)
+    missing = [n for n, p in params.items() if id(p) not in groups]
+    if missing:
+        raise ValueError(f"selected parameter(s) {missing[:5]} are used by no module call the ghost "
+                         "engine can see (used outside a module forward?); use impl='func'")
+    return groups
+
+
+def _body_forward(body, batch: Batch) -> Tensor:
+    return body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=False).last_hidden_state      # (N, T, d)
+
+
+# ------------------------------------------------------------------------------ public
+
+def ghost_sentence_gram(model, batch: Batch, params: dict[str, nn.Parameter]) -> Tensor:
+    """Sentence-level Gram ``G[i,j] = ⟨∇log π(y_i|x_i), ∇log π(y_j|x_j)⟩`` over the N sequences of
+    ``batch`` from one forward and one backward: (N, N), in the model's dtype."""
+    body, head = _body_and_head(model)
+    N = batch.input_ids.shape[0]
+    with _requires_grad(params), _recording(body, params) as calls:
+        h = _body_forward(body, batch)
+    h_sel, r, pos, mask = _head_forward(head, h, batch)
+    pairs = _head_uses(head, params, h_sel, r)
+    if calls:
+        # ∂ Σ_i log π_i / ∂h: (e_y - π)W placed at each predicting position
+        cot = torch.zeros_like(h)
+        cot.scatter_add_(1, pos[..., None].expand(-1, -1, h.shape[-1]), r @ head.weight)
+        grads = torch.autograd.grad(h, [c.out for c in calls], cot, allow_unused=True)
+        for c, g in zip(calls, grads):
+            g = torch.zeros_like(c.out) if g is None else g
+            # Padding positions contribute nothing, but a fully masked query row can hold
+            # non-finite values (left padding): zero inputs and gradients there explicitly.
+            keep = batch.attention_mask.bool()
+            c.inp = _mask_positions(c.inp, keep)
+            pairs += _uses_of_call(c, _mask_positions(g, keep), shared=False)
+    groups = _group(pairs, params)
+    return gram_from_uses(groups, groups, N, N)
+
+
+def _token_uses(model, seq: TokenizedSequence, pad_id: int, params, chunk_size: int | None):
+    """Per-token uses of one response: (uses grouped by parameter, L)."""
+    body, head = _body_and_head(model)
+    device = next(unwrap(model).parameters()).device
+    batch = collate([seq], pad_id, "right", device)
+    L = len(seq.response_ids)
+    with _requires_grad(params), _recording(body, params) as calls:
+        h = _body_forward(body, batch)                                           # (1, T, d)
+    h_sel, r, pos, _ = _head_forward(head, h, batch)                             # (1, L, ·)
+    # token t of the response is an item: its lm_head gradient is r_t ⊗ h_t at one position
+    pairs = _head_uses(head, params, h_sel.transpose(0, 1), r.transpose(0, 1))  # items (L, 1, ·)
+    if calls:
+        cot = torch.zeros(L, *h.shape, dtype=h.dtype, device=h.device)           # (L, 1, T, d)
+        cot[torch.arange(L), 0, pos[0]] = r[0] @ head.weight
+        outs = [c.out for c in calls]
+        step = chunk_size or L
+        chunks = []
+        for lo in range(0, L, step):
+            g = torch.autograd.grad(h, outs, cot[lo:lo + step], retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+            chunks.append([torch.zeros(cot[lo:lo + step].shape[0], *o.shape, dtype=o.dtype, device=o.device)
+                           if gi is None else gi for gi, o in zip(g, outs)])
+        for k, c in enumerate(calls):
+            grad = torch.cat([ch[k] for ch in chunks]) if len(chunks) > 1 else chunks[0][k]
+            pairs += _uses_of_call(c, grad, shared=True)
+    return _group(pairs, params), L
+
+
+def ghost_token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, pad_id: int,
+                     params: dict[str, nn.Parameter], chunk_size: int | None = None):
+    """Token-level Gram ``M[t,s] = ⟨∇log π(y_a^t|·), ∇log π(y_b^s|·)⟩`` and the squared norms.
+
+    Returns ``(M (La, Lb), sq_a (La,), sq_b (Lb,))``. One forward per response and a batched
+    backward over its token log-probs (``chunk_size`` tokens at a time).
+    """
+    ua, La = _token_uses(model, seq_a, pad_id, params, chunk_size)
+    ub, Lb = _token_uses(model, seq_b, pad_id, params, chunk_size)
+    M = gram_from_uses(ua, ub, La, Lb)
+    sq_a = gram_from_uses(ua, ua, La, La, diag=True)
+    sq_b = gram_from_uses(ub, ub, Lb, Lb, diag=True)
+    return M, sq_a, sq_b
