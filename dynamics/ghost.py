@@ -358,8 +358,13 @@ def ghost_sentence_gram(model, batch: Batch, params: dict[str, nn.Parameter]) ->
     ``batch`` from one forward and one backward: (N, N), in the model's dtype."""
     body, head = _body_and_head(model)
     N = batch.input_ids.shape[0]
-    with _requires_grad(params), _recording(body, params) as calls:
+    with torch.enable_grad(), _requires_grad(params), _recording(body, params) as calls:
         h = _body_forward(body, batch)
+    with torch.no_grad():  # below: one backward (autograd.grad works without grad mode) and contractions
+        return _sentence_from_forward(head, h, batch, calls, params, N)
+
+
+def _sentence_from_forward(head, h, batch, calls, params, N) -> Tensor:
     h_sel, r, pos, mask = _head_forward(head, h, batch)
     pairs = _head_uses(head, params, h_sel, r)
     if calls:
@@ -384,8 +389,13 @@ def _token_uses(model, seq: TokenizedSequence, pad_id: int, params, chunk_size: 
     device = next(unwrap(model).parameters()).device
     batch = collate([seq], pad_id, "right", device)
     L = len(seq.response_ids)
-    with _requires_grad(params), _recording(body, params) as calls:
+    with torch.enable_grad(), _requires_grad(params), _recording(body, params) as calls:
         h = _body_forward(body, batch)                                           # (1, T, d)
+    with torch.no_grad():
+        return _token_from_forward(head, h, batch, calls, params, chunk_size, L)
+
+
+def _token_from_forward(head, h, batch, calls, params, chunk_size, L):
     h_sel, r, pos, _ = _head_forward(head, h, batch)                             # (1, L, ·)
     # token t of the response is an item: its lm_head gradient is r_t ⊗ h_t at one position
     pairs = _head_uses(head, params, h_sel.transpose(0, 1), r.transpose(0, 1))  # items (L, 1, ·)

@@ -84,22 +84,24 @@ def assert_rel(a, b, tol=TOL):
 
 # ------------------------------------------------------------------ func == autograd
 
-def test_sentence_func_matches_autograd(model, seqs):
+@pytest.mark.parametrize("impl", ["func", "ghost"])
+def test_sentence_matches_autograd(model, seqs, impl):
     assert len({s.length for s in seqs}) == len(seqs)  # different lengths: padding happens
     G_ref = sentence_gram(model, seqs, 0, impl="autograd")
-    G = sentence_gram(model, seqs, 0, impl="func")
+    G = sentence_gram(model, seqs, 0, impl=impl)
     assert G.shape == (4, 4) and G.dtype == torch.float64
     assert_rel(G, G_ref)
-    assert_rel(sentence_gram(model, seqs, 0, impl="func", chunk_size=2), G_ref)
-    assert_rel(sentence_gram(model, seqs[1:2], 0, impl="func"), G_ref[1:2, 1:2])  # batch of one
-    assert torch.allclose(G, G.T, rtol=0, atol=TOL * G.abs().max())
+    assert_rel(sentence_gram(model, seqs, 0, impl=impl, chunk_size=2), G_ref)
+    assert_rel(sentence_gram(model, seqs[1:2], 0, impl=impl), G_ref[1:2, 1:2])  # batch of one
+    assert torch.allclose(G, G.T, rtol=0, atol=TOL * G.abs().max().item())
     assert (torch.linalg.eigvalsh(G) > -TOL * G.abs().max()).all()  # a Gram matrix is PSD
 
 
-def test_token_func_matches_autograd(model, seqs):
+@pytest.mark.parametrize("impl", ["func", "ghost"])
+def test_token_matches_autograd(model, seqs, impl):
     a, b = seqs[0], seqs[2]
     ref = token_gram(model, a, b, 0, impl="autograd")
-    out = token_gram(model, a, b, 0, impl="func", chunk_size=3)
+    out = token_gram(model, a, b, 0, impl=impl, chunk_size=3)
     La, Lb = len(a.response_ids), len(b.response_ids)
     assert out.M.shape == (La, Lb) and out.sq_a.shape == (La,) and out.sq_b.shape == (Lb,)
     assert out.tokens_a == a.tokens and out.tokens_b == b.tokens
@@ -108,7 +110,7 @@ def test_token_func_matches_autograd(model, seqs):
     assert (out.cos.abs() <= 1 + 1e-12).all()
 
 
-@pytest.mark.parametrize("impl", ["func", "autograd"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_token_sums_to_sentence(model, seqs, impl):
     """Σ_t g^t = g, so Σ_{t,s} M[t,s] = ⟨g_a, g_b⟩ and Σ_{t,s} M_aa[t,s] = ‖g_a‖²."""
     a, b = seqs[0], seqs[3]
@@ -126,11 +128,11 @@ def test_pair_inner_products(tok):
     model = tiny_model("gpt2", seed=0, dtype=torch.float64)
     pairs = tokenize_pairs(tok, [SimpleNamespace(id=i, prompt=p, chosen=r, rejected=r + " again")
                                  for i, (p, r) in enumerate(TEXTS[:3])])
-    out = pair_inner_products(model, pairs, impl="func")
     G = sentence_gram(model, pairs.chosen + pairs.rejected, pairs.pad_id, impl="autograd")
-    assert set(out) == {"ip_wl", "sq_w", "sq_l", "cos_wl"} and all(v.shape == (3,) for v in out.values())
     B = 3
-    for k in range(B):
+    for impl, k in [(impl, k) for impl in ("func", "ghost") for k in range(B)]:
+        out = pair_inner_products(model, pairs, impl=impl)
+        assert set(out) == {"ip_wl", "sq_w", "sq_l", "cos_wl"} and all(v.shape == (3,) for v in out.values())
         assert abs(out["ip_wl"][k] - G[k, B + k]) <= TOL * G.abs().max()
         assert abs(out["sq_w"][k] - G[k, k]) <= TOL * G.abs().max()
         assert abs(out["sq_l"][k] - G[B + k, B + k]) <= TOL * G.abs().max()
@@ -174,6 +176,11 @@ def test_tied_weights_sum_both_uses(seqs):
     G_func = sentence_gram(model, seqs, 0, params=[name], impl="func")
     g = flat_grads(model, seqs, 0, [name])
     assert_rel(G_func, g @ g.T)
+    assert_rel(sentence_gram(model, seqs, 0, params=[name], impl="ghost"), g @ g.T)  # cross terms
+    for m in (model, tiny_model("llama", dtype=torch.float64)):  # tied, token level, ghost
+        tied = [n for n in select_params(m) if "wte" in n or "embed_tokens" in n]
+        ref = token_gram(m, seqs[0], seqs[1], 0, params=tied, impl="autograd")
+        assert_rel(token_gram(m, seqs[0], seqs[1], 0, params=tied, impl="ghost").M, ref.M)
     alias = {"lm_head.weight": model.lm_head.weight}  # a dict under the alias name works too
     assert_rel(sentence_gram(model, seqs, 0, params=alias, impl="func"), g @ g.T)
     # the autograd oracle itself: the embedding use alone (input-side) differs from the total
@@ -196,14 +203,16 @@ def test_lora_params(seqs):
     assert len(sel) == 2 * 2 * 2 and all("lora_" in n for n in sel)      # 2 layers × {q,v} × {A,B}
     assert set(select_params(model, "trainable")) == set(sel)
     G_ref = sentence_gram(model, seqs, 0, params="lora", impl="autograd")
-    assert_rel(sentence_gram(model, seqs, 0, params="lora", impl="func"), G_ref)
     assert G_ref.abs().max() > 0
     T_ref = token_gram(model, seqs[0], seqs[1], 0, params="lora", impl="autograd")
-    assert_rel(token_gram(model, seqs[0], seqs[1], 0, params="lora", impl="func").M, T_ref.M)
+    for impl in ("func", "ghost"):
+        assert_rel(sentence_gram(model, seqs, 0, params="lora", impl=impl), G_ref)
+        assert_rel(token_gram(model, seqs[0], seqs[1], 0, params="lora", impl=impl).M, T_ref.M)
     # frozen base weights can still be analysed (requires_grad is switched on temporarily)
     q = [r"layers\.0\.self_attn\.q_proj\.base_layer"]
-    assert_rel(sentence_gram(model, seqs, 0, params=q, impl="func"),
-               sentence_gram(model, seqs, 0, params=q, impl="autograd"))
+    for impl in ("func", "ghost"):
+        assert_rel(sentence_gram(model, seqs, 0, params=q, impl=impl),
+                   sentence_gram(model, seqs, 0, params=q, impl="autograd"))
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
@@ -214,12 +223,14 @@ def test_mode_and_attention_restored(seqs):
     G_ref = sentence_gram(model, seqs[:2], 0, impl="autograd")
     assert model.training
     assert_rel(G, G_ref)  # sdpa (autograd) vs eager (func)
+    assert_rel(sentence_gram(model, seqs[:2], 0, impl="ghost"), G_ref)  # ghost under sdpa
+    assert model.training and all(p.requires_grad for p in model.parameters())
 
 
 # ------------------------------------------------------------------ Theorem 1 of seed 004
 
 @pytest.mark.parametrize("M", [2, 5, 17])
-@pytest.mark.parametrize("impl", ["func", "autograd"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_theorem1_single_token(tok, M, impl):
     """Last linear layer learnable, single-token responses, prediction uniform on M tokens:
     ⟨g_w, g_l⟩ = -‖h‖²/M and ‖g_w‖² = ‖g_l‖² = (M-1)/M ‖h‖² (seed 004 §4.1, Theorem 1)."""
