@@ -8,6 +8,8 @@ Sub-commands::
     dynamics logprobs --model M ...      chosen/rejected log-probs of every pair -> Parquet
     dynamics train [--loss L ...]        preference training with probe records -> run dir
     dynamics demo [--out DIR]            SFT + DPO on SmolLM2 with the built-in statements
+    dynamics grads --model M ...         gradient inner products (sentence / token level)
+    dynamics bench grads                 benchmark the gradient engines against DPO fwd+bwd
     dynamics plot RUN_DIR                regenerate a run's figures
 """
 from __future__ import annotations
@@ -164,6 +166,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cmd_grads(args) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from dynamics.grads import pair_inner_products, token_gram
+    from dynamics.logprobs import tokenize_pairs
+    from dynamics.models import load_model
+
+    pairs = _load_pairs_for(args)
+    model, tok = load_model(args.model, device=args.device, dtype=getattr(__import__("torch"), args.dtype))
+    tp = tokenize_pairs(tok, pairs, max_length=args.max_length,
+                        truncation="prompt_left" if args.max_length else "error")
+    out = Path(args.out)
+    params = args.params[0] if args.params and len(args.params) == 1 and args.params[0] in ("lora", "trainable", "all") \
+        else (args.params or "all")
+    if args.level == "sentence":
+        rows = []
+        for lo in range(0, len(tp), args.batch_size):
+            sub = tp.subset(range(lo, min(lo + args.batch_size, len(tp))))
+            ip = pair_inner_products(model, sub, params=params, impl=args.impl)
+            for k, pid in enumerate(sub.pair_ids):
+                rows.append(dict(pair_id=pid, ip_wl=float(ip["ip_wl"][k]), sq_w=float(ip["sq_w"][k]),
+                                 sq_l=float(ip["sq_l"][k]), cos_wl=float(ip["cos_wl"][k]),
+                                 len_w=len(sub.chosen[k].response_ids), len_l=len(sub.rejected[k].response_ids)))
+            print(f"{min(lo + args.batch_size, len(tp))}/{len(tp)} pairs", file=sys.stderr)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(out, index=False)
+        print(f"wrote {len(rows)} pairs to {out}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for k, pid in enumerate(tp.pair_ids):
+        tg = token_gram(model, tp.chosen[k], tp.rejected[k], tp.pad_id, params=params, impl=args.impl,
+                        chunk_size=args.chunk_size)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pid)
+        np.savez(out / f"{safe}.npz", M=tg.M.double().numpy(), cos=tg.cos.double().numpy(),
+                 sq_w=tg.sq_a.double().numpy(), sq_l=tg.sq_b.double().numpy(),
+                 tokens_w=np.array(tg.tokens_a), tokens_l=np.array(tg.tokens_b), pair_id=np.array(pid))
+        print(f"{k + 1}/{len(tp)} {pid}: {tg.M.shape[0]}x{tg.M.shape[1]} tokens", file=sys.stderr)
+    print(f"wrote {len(tp)} token Grams to {out}/")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from dynamics import bench, data
+    from dynamics.logprobs import tokenize_pairs
+    from dynamics.models import load_model
+
+    model, tok = load_model(args.model)
+    shared = data.shared_data_dir(ROOT)
+    tweets, tldr = data.default_tweets_path(ROOT), data.default_tldr_path(ROOT)
+    sent = data.load_tweets(tweets, "long_suffix", limit=args.pairs) if tweets else \
+        data.builtin_sentiment_pairs("long_suffix", n=args.pairs)
+    sets = {f"sentiment long_suffix ({'tweets' if tweets else 'built-in'})": tokenize_pairs(tok, sent)}
+    if tldr:
+        pairs = data.load_tldr(tldr)
+        tp = tokenize_pairs(tok, pairs, max_length=args.tldr_max_length, truncation="prompt_left")
+        keep = [i for i in range(len(tp)) if min(len(tp.chosen[i].response_ids), len(tp.rejected[i].response_ids)) >= args.tokens]
+        sets[f"tldr (responses cut to {args.tokens} tokens)"] = bench.cut_pairs(tp.subset(keep[: args.pairs]), args.tokens)
+    else:
+        print(f"no TL;DR data under {shared}: TL;DR rows skipped", file=sys.stderr)
+    print(f"model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{next(model.parameters()).dtype}, device {next(model.parameters()).device}, threads {__import__('torch').get_num_threads()}")
+    df = bench.bench_grads(model, sets, n_small=args.n_small, repeat=args.repeat, token_level=not args.no_token,
+                           progress=lambda m: print(m, file=sys.stderr))
+    summary = bench.summarize(df)
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print("\nrows with extrapolated=True ran on fewer tokens (see tokens) and were scaled linearly in "
+          "the number of token gradients; their peak memory is that of the smaller run")
+    if args.out:
+        bench.write_report(df, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     for p in _plot_run(Path(args.run_dir)):
         print(f"wrote {p}")
@@ -212,6 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SFT + DPO on SmolLM2-135M with the built-in statements (offline)")
     _add_config_args(p, {**DEMO, "out": "runs/demo"})
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("grads", help="gradient inner products of pairs: sentence (Parquet) or token level (npz)")
+    data_args(p)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--level", choices=["sentence", "token"], default="sentence")
+    p.add_argument("--impl", choices=["ghost", "func", "autograd"], default="ghost")
+    p.add_argument("--params", nargs="*", default=None, help="regex patterns (default: all parameters); "
+                   "'lora' or 'trainable' also accepted")
+    p.add_argument("--out", required=True, help="Parquet file (sentence) or directory of .npz (token)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=None, help="token vjps per batched backward")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_grads)
+
+    p = sub.add_parser("bench", help="benchmarks: `dynamics bench grads`")
+    p.add_argument("what", choices=["grads"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--pairs", type=int, default=2, help="pairs per data set")
+    p.add_argument("--tokens", type=int, default=32, help="TL;DR responses cut to this many tokens")
+    p.add_argument("--tldr-max-length", type=int, default=256, help="TL;DR prompt+response tokens")
+    p.add_argument("--n-small", type=int, default=4, help="tokens for the extrapolated token-level runs")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--no-token", action="store_true", help="sentence level only")
+    p.add_argument("--out", default=None, help="CSV of every measurement")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="regenerate the figures of a run directory")
     p.add_argument("run_dir")

@@ -198,14 +198,47 @@ class _Call:
     names: list[tuple[str, nn.Parameter]]   # selected (role, parameter) of this module
     inp: Tensor
     out: Tensor
+    order: int = 0                           # position in the forward's sequence of hooked calls
+
+
+@dataclass
+class _Block:
+    """One call of a transformer block: its input and output hidden states (segment boundaries)."""
+    inp: Tensor
+    out: Tensor
+    start: int                               # hooked calls with start <= order < end are inside
+    end: int
+
+
+class _Recording(list):
+    """The recorded `_Call`s of one forward, plus the block boundaries in ``blocks``."""
+    blocks: list[_Block]
+
+
+def _find_blocks(body: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers (the largest ``nn.ModuleList`` directly under the body), or None."""
+    lists = [m for m in body.children() if isinstance(m, nn.ModuleList)]
+    return max(lists, key=len) if lists else None
 
 
 @contextlib.contextmanager
 def _recording(body: nn.Module, params: dict[str, nn.Parameter]):
-    """Forward hooks on every body module that owns a selected parameter; always removed."""
+    """Forward hooks on every body module that owns a selected parameter, and on the decoder
+    blocks (to cut the backward into per-block segments); always removed."""
     wanted = {id(p) for p in params.values()}
-    calls: list[_Call] = []
+    calls = _Recording()
+    calls.blocks = []
     handles = []
+    pending: list[tuple[Tensor, int]] = []
+
+    def pre_block(mod, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        pending.append((x, len(calls)))
+
+    def post_block(mod, args, kwargs, output):
+        x, start = pending.pop()
+        y = output if isinstance(output, Tensor) else output[0]
+        calls.blocks.append(_Block(x, y, start, len(calls)))
 
     def make_hook(module, names):
         def hook(mod, args, kwargs, output):
@@ -214,7 +247,7 @@ def _recording(body: nn.Module, params: dict[str, nn.Parameter]):
                 raise NotImplementedError(
                     f"module {type(mod).__name__} takes {len(tensors)} tensor inputs / returns "
                     f"{type(output).__name__}; the ghost engine needs one tensor in and one out")
-            calls.append(_Call(mod, names, tensors[0].detach(), output))
+            calls.append(_Call(mod, names, tensors[0].detach(), output, len(calls)))
         return hook
 
     try:
@@ -222,6 +255,9 @@ def _recording(body: nn.Module, params: dict[str, nn.Parameter]):
             names = [(r, p) for r, p in module.named_parameters(recurse=False) if id(p) in wanted]
             if names:
                 handles.append(module.register_forward_hook(make_hook(module, names), with_kwargs=True))
+        for block in _find_blocks(body) or []:
+            handles.append(block.register_forward_pre_hook(pre_block, with_kwargs=True))
+            handles.append(block.register_forward_hook(post_block, with_kwargs=True))
         yield calls
     finally:
         for h in handles:
@@ -335,10 +371,15 @@ def _head_uses(head: nn.Linear, params, h_sel: Tensor, r: Tensor) -> list[tuple[
     return out
 
 
-def _group(pairs: list[tuple[int, Use]], params) -> dict[int, list[Use]]:
+def _group_all(pairs: list[tuple[int, Use]]) -> dict[int, list[Use]]:
     groups: dict[int, list[Use]] = {}
     for pid, use in pairs:
         groups.setdefault(pid, []).append(use)
+    return groups
+
+
+def _group(pairs: list[tuple[int, Use]], params) -> dict[int, list[Use]]:
+    groups = _group_all(pairs)
     missing = [n for n, p in params.items() if id(p) not in groups]
     if missing:
         raise ValueError(f"selected parameter(s) {missing[:5]} are used by no module call the ghost "
@@ -383,49 +424,129 @@ def _sentence_from_forward(head, h, batch, calls, params, N) -> Tensor:
     return gram_from_uses(groups, groups, N, N)
 
 
-def _token_uses(model, seq: TokenizedSequence, pad_id: int, params, chunk_size: int | None):
-    """Per-token uses of one response: (uses grouped by parameter, L)."""
-    body, head = _body_and_head(model)
-    device = next(unwrap(model).parameters()).device
-    batch = collate([seq], pad_id, "right", device)
-    L = len(seq.response_ids)
-    with torch.enable_grad(), _requires_grad(params), _recording(body, params) as calls:
-        h = _body_forward(body, batch)                                           # (1, T, d)
-    with torch.no_grad():
-        return _token_from_forward(head, h, batch, calls, params, chunk_size, L)
+def _segments(calls: _Recording, h: Tensor):
+    """Cut the body into backward segments, top down: ``(out, inp, calls inside)``.
+
+    Segment boundaries are the blocks' input/output hidden states: the top segment runs from the
+    final hidden state ``h`` (after the final norm) to the last block's output, then one segment
+    per block, then the bottom one from the first block's input to the embeddings (``inp=None``).
+    Leading blocks whose input needs no gradient (e.g. LoRA on later layers only) join the bottom
+    segment; without recognizable blocks the whole body is one segment.
+    """
+    blocks = calls.blocks
+    j = len(blocks)  # blocks[j:] have inputs that require grad (earlier ones hold no selected parameter upstream)
+    while j > 0 and isinstance(blocks[j - 1].inp, Tensor) and blocks[j - 1].inp.requires_grad:
+        j -= 1
+    if j == len(blocks):
+        return [(h, None, list(calls))]
+    segs = [(h, blocks[-1].out, [c for c in calls if c.order >= blocks[-1].end])]
+    for b in reversed(blocks[j:]):
+        segs.append((b.out, b.inp, [c for c in calls if b.start <= c.order < b.end]))
+    segs.append((blocks[j].inp, None, [c for c in calls if c.order < blocks[j].start]))
+    return segs
 
 
-def _token_from_forward(head, h, batch, calls, params, chunk_size, L):
-    h_sel, r, pos, _ = _head_forward(head, h, batch)                             # (1, L, ·)
-    # token t of the response is an item: its lm_head gradient is r_t ⊗ h_t at one position
-    pairs = _head_uses(head, params, h_sel.transpose(0, 1), r.transpose(0, 1))  # items (L, 1, ·)
-    if calls:
+class _TokenStream:
+    """One response's forward with hooks; yields its per-token uses one body segment at a time.
+
+    Token t's log-prob is an item. The lm_head use is ``r_t ⊗ h_t`` at one position (no
+    backward). The body's output gradients come from a batched backward (``is_grads_batched``,
+    ``chunk`` tokens at a time) started at ``h`` with the cotangent ``r_t W`` at position p_t,
+    carried down block by block, so only one block's gradients are alive at a time.
+    """
+
+    def __init__(self, model, seq: TokenizedSequence, pad_id: int, params, chunk: int | None):
+        self.body, self.head = _body_and_head(model)
+        device = next(unwrap(model).parameters()).device
+        self.batch = collate([seq], pad_id, "right", device)
+        self.L = len(seq.response_ids)
+        self.params, self.chunk = params, chunk or self.L
+        with torch.enable_grad(), _requires_grad(params), _recording(self.body, params) as calls:
+            self.h = _body_forward(self.body, self.batch)                        # (1, T, d)
+        self.calls = calls
+        with torch.no_grad():
+            h_sel, self.r, self.pos, _ = _head_forward(self.head, self.h, self.batch)  # (1, L, ·)
+        self.h_sel = h_sel
+
+    def head_uses(self) -> list[tuple[int, Use]]:
+        # items (L, 1, ·): token t's lm_head gradient is r_t ⊗ h_t at a single position
+        return _head_uses(self.head, self.params, self.h_sel.transpose(0, 1), self.r.transpose(0, 1))
+
+    def segment_uses(self):
+        """Yield the uses of each body segment, top down (see `_segments`)."""
+        L, h = self.L, self.h
         cot = torch.zeros(L, *h.shape, dtype=h.dtype, device=h.device)           # (L, 1, T, d)
-        cot[torch.arange(L), 0, pos[0]] = r[0] @ head.weight
-        outs = [c.out for c in calls]
-        step = chunk_size or L
-        chunks = []
-        for lo in range(0, L, step):
-            g = torch.autograd.grad(h, outs, cot[lo:lo + step], retain_graph=True,
-                                    allow_unused=True, is_grads_batched=True)
-            chunks.append([torch.zeros(cot[lo:lo + step].shape[0], *o.shape, dtype=o.dtype, device=o.device)
-                           if gi is None else gi for gi, o in zip(g, outs)])
-        for k, c in enumerate(calls):
-            grad = torch.cat([ch[k] for ch in chunks]) if len(chunks) > 1 else chunks[0][k]
-            pairs += _uses_of_call(c, grad, shared=True)
-    return _group(pairs, params), L
+        cot[torch.arange(L), 0, self.pos[0]] = self.r[0] @ self.head.weight
+        for out, inp, seg_calls in _segments(self.calls, h):
+            inputs = ([inp] if inp is not None else []) + [c.out for c in seg_calls]
+            if not inputs:
+                yield []
+                continue
+            parts = []
+            for lo in range(0, L, self.chunk):
+                g = torch.autograd.grad(out, inputs, cot[lo:lo + self.chunk], retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+                parts.append([torch.zeros(cot[lo:lo + self.chunk].shape[0], *x.shape, dtype=x.dtype,
+                                          device=x.device) if gi is None else gi for gi, x in zip(g, inputs)])
+            grads = [torch.cat(col) if len(col) > 1 else col[0] for col in zip(*parts)]
+            if inp is not None:
+                cot, grads = grads[0], grads[1:]
+            pairs = []
+            for c, g in zip(seg_calls, grads):
+                pairs += _uses_of_call(c, g, shared=True)
+            yield pairs
 
 
 def ghost_token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, pad_id: int,
                      params: dict[str, nn.Parameter], chunk_size: int | None = None):
     """Token-level Gram ``M[t,s] = ⟨∇log π(y_a^t|·), ∇log π(y_b^s|·)⟩`` and the squared norms.
 
-    Returns ``(M (La, Lb), sq_a (La,), sq_b (Lb,))``. One forward per response and a batched
-    backward over its token log-probs (``chunk_size`` tokens at a time).
+    Returns ``(M (La, Lb), sq_a (La,), sq_b (Lb,))``. One forward per response; the two
+    responses' batched backwards advance together block by block and each block's uses are
+    contracted as soon as both are known, so memory holds one block's per-token gradients
+    (|y| × T × Σ d_out of that block), not the whole network's. Parameters used in several
+    segments (a tied embedding / lm_head) keep their uses until the end for the cross terms.
     """
-    ua, La = _token_uses(model, seq_a, pad_id, params, chunk_size)
-    ub, Lb = _token_uses(model, seq_b, pad_id, params, chunk_size)
-    M = gram_from_uses(ua, ub, La, Lb)
-    sq_a = gram_from_uses(ua, ua, La, La, diag=True)
-    sq_b = gram_from_uses(ub, ub, Lb, Lb, diag=True)
+    with torch.no_grad():
+        a = _TokenStream(model, seq_a, pad_id, params, chunk_size)
+        b = _TokenStream(model, seq_b, pad_id, params, chunk_size)
+        La, Lb = a.L, b.L
+        # parameters with uses in more than one segment (or in the head and the body) wait
+        seg_of: dict[int, set] = {}
+        for k, (_, _, seg_calls) in enumerate(_segments(a.calls, a.h)):
+            for c in seg_calls:
+                for _, p in c.names:
+                    seg_of.setdefault(id(p), set()).add(k)
+        head_ids = {pid for pid, _ in a.head_uses()}
+        for pid in head_ids:
+            seg_of.setdefault(pid, set()).add("head")
+        deferred = {pid for pid, segs in seg_of.items() if len(segs) > 1}
+        missing = [n for n, p in params.items() if id(p) not in seg_of]
+        if missing:
+            raise ValueError(f"selected parameter(s) {missing[:5]} are used by no module call the ghost "
+                             "engine can see (used outside a module forward?); use impl='func'")
+        M = torch.zeros(La, Lb, dtype=a.h.dtype, device=a.h.device)
+        sq_a = torch.zeros(La, dtype=a.h.dtype, device=a.h.device)
+        sq_b = torch.zeros(Lb, dtype=a.h.dtype, device=a.h.device)
+        keep_a: dict[int, list[Use]] = {}
+        keep_b: dict[int, list[Use]] = {}
+
+        def add(pairs_a, pairs_b):
+            ga, gb = _group_all(pairs_a), _group_all(pairs_b)
+            for pid in list(ga):
+                if pid in deferred:
+                    keep_a.setdefault(pid, []).extend(ga.pop(pid))
+                    keep_b.setdefault(pid, []).extend(gb.pop(pid))
+            if ga:
+                M.add_(gram_from_uses(ga, gb, La, Lb))
+                sq_a.add_(gram_from_uses(ga, ga, La, La, diag=True))
+                sq_b.add_(gram_from_uses(gb, gb, Lb, Lb, diag=True))
+
+        add(a.head_uses(), b.head_uses())
+        for pairs_a, pairs_b in zip(a.segment_uses(), b.segment_uses()):
+            add(pairs_a, pairs_b)
+        if keep_a:
+            M.add_(gram_from_uses(keep_a, keep_b, La, Lb))
+            sq_a.add_(gram_from_uses(keep_a, keep_a, La, La, diag=True))
+            sq_b.add_(gram_from_uses(keep_b, keep_b, Lb, Lb, diag=True))
     return M, sq_a, sq_b

@@ -109,3 +109,28 @@ def test_cli_help_losses_and_train(tmp_path, capsys):
     df = pd.read_parquet(lp)
     assert len(df) == 6 and (df.logp_w < 0).all()
     assert [sum(x) for x in df.token_logps_w] == pytest.approx(df.logp_w.tolist(), rel=1e-5)
+
+
+def test_cli_grads_sentence_and_token(tmp_path):
+    import numpy as np
+
+    from dynamics.grads import pair_inner_products
+    from dynamics.data import builtin_sentiment_pairs
+    from dynamics.logprobs import tokenize_pairs
+    from dynamics.models import load_model
+
+    out = tmp_path / "ip.parquet"
+    assert main(["grads", "--model", "tiny-llama", "--limit", "3", "--out", str(out), "--impl", "func"]) == 0
+    df = pd.read_parquet(out)
+    assert list(df.columns) == ["pair_id", "ip_wl", "sq_w", "sq_l", "cos_wl", "len_w", "len_l"] and len(df) == 3
+    model, tok = load_model("tiny-llama")
+    tp = tokenize_pairs(tok, builtin_sentiment_pairs("long_suffix", n=3))
+    ref = pair_inner_products(model, tp, impl="autograd")
+    assert df.ip_wl.tolist() == pytest.approx(ref["ip_wl"].tolist(), rel=1e-4)
+    tdir = tmp_path / "tok"
+    assert main(["grads", "--model", "tiny-gpt2", "--limit", "2", "--level", "token", "--out", str(tdir)]) == 0
+    files = sorted(tdir.glob("*.npz"))
+    assert len(files) == 2
+    z = np.load(files[0])
+    assert z["M"].shape == z["cos"].shape == (len(z["tokens_w"]), len(z["tokens_l"]))
+    assert np.allclose(np.diag(z["cos"])[:3], np.diag(z["M"])[:3] / np.sqrt(z["sq_w"][:3] * z["sq_l"][:3]))

@@ -1,0 +1,145 @@
+"""Benchmark of the gradient engines against one DPO forward+backward measured in the same run.
+
+For each data set (long-suffix sentiment pairs, TL;DR pairs) and each implementation it reports
+time per pair, peak additional memory (resident set size above the level before the call,
+sampled every 2 ms) and the ratio to one DPO forward+backward on the same pair. Targets of
+issue 3: sentence level ≤ 1.5× DPO and ≥ 3× faster than the autograd loop; token level (32×32
+tokens) ≤ 10× DPO with ≤ 2 GiB additional memory.
+
+The autograd loop and torch.func at token level materialize |y| × P gradients (32 × 134.5M
+floats = 17 GiB for SmolLM2), so they run on the first ``n_small`` tokens of each response and
+are extrapolated: their cost is one backward (autograd) or one vjp (func) per token, linear in
+|y_w| + |y_l|. The output says which rows are extrapolated (their memory is that of the smaller run).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dynamics.grads import pair_inner_products, token_gram
+from dynamics.logprobs import TokenizedPairs, TokenizedSequence, pair_logprobs
+from dynamics.losses import compute_loss
+
+
+def _rss() -> int:
+    """Resident set size of this process in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Context manager sampling RSS in a thread; ``.peak`` = max RSS − RSS at entry (bytes)."""
+
+    def __enter__(self):
+        gc.collect()
+        self.base, self.peak, self._stop = _rss(), 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss() - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss() - self.base)
+
+
+def _measure(fn, repeat: int) -> tuple[float, int]:
+    """(seconds per call after one warm-up, peak additional bytes)."""
+    fn()
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        dt = (time.perf_counter() - t0) / repeat
+    return dt, mem.peak
+
+
+def dpo_step(model, pair: TokenizedPairs) -> None:
+    """One DPO forward+backward on ``pair`` (reference = the current log-probs), grads dropped."""
+    out = pair_logprobs(model, pair)
+    lo = compute_loss("dpo", out.chosen.logp, out.rejected.logp, out.chosen.logp.detach(), out.rejected.logp.detach())
+    lo.loss.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _cut(seq: TokenizedSequence, n: int) -> TokenizedSequence:
+    return replace(seq, response_ids=seq.response_ids[:n], tokens=seq.tokens[:n])
+
+
+def cut_pairs(pairs: TokenizedPairs, n_tokens: int) -> TokenizedPairs:
+    """Pairs whose responses are cut to their first ``n_tokens`` tokens (benchmark shapes only)."""
+    return TokenizedPairs(pairs.pair_ids, [_cut(s, n_tokens) for s in pairs.chosen],
+                          [_cut(s, n_tokens) for s in pairs.rejected], pairs.pad_id)
+
+
+def bench_grads(model, datasets: dict[str, TokenizedPairs], *, n_small: int = 4, repeat: int = 1,
+                token_level: bool = True, progress=print) -> pd.DataFrame:
+    """Time and memory of every implementation and level; one row per (data, impl, level).
+
+    ``datasets`` maps a name to the pairs to run (each pair is measured alone; rows report the
+    mean over pairs). Columns: data, level, impl, s_per_pair, peak_mib, ratio_to_dpo,
+    tokens (La×Lb at token level), extrapolated.
+    """
+    rows = []
+    for name, pairs in datasets.items():
+        for k in range(len(pairs)):
+            pair = pairs.subset([k])
+            w, l = pair.chosen[0], pair.rejected[0]
+            La, Lb = len(w.response_ids), len(l.response_ids)
+            t_dpo, m_dpo = _measure(lambda: dpo_step(model, pair), repeat)
+            base = dict(data=name, pair=pair.pair_ids[0], T_w=w.length, T_l=l.length)
+            rows.append(dict(base, level="-", impl="dpo fwd+bwd", s_per_pair=t_dpo, peak_mib=m_dpo / 2**20,
+                             tokens="", extrapolated=False, dpo_s=t_dpo))
+            for impl in ("ghost", "func", "autograd"):
+                t, m = _measure(lambda: pair_inner_products(model, pair, impl=impl), repeat)
+                rows.append(dict(base, level="sentence", impl=impl, s_per_pair=t, peak_mib=m / 2**20,
+                                 tokens="", extrapolated=False, dpo_s=t_dpo))
+                progress(f"{name} pair {k}: sentence {impl}: {t:.2f} s ({t / t_dpo:.2f}x DPO)")
+            if not token_level:
+                continue
+            t, m = _measure(lambda: token_gram(model, w, l, pair.pad_id, impl="ghost", chunk_size=8), repeat)
+            rows.append(dict(base, level="token", impl="ghost", s_per_pair=t, peak_mib=m / 2**20,
+                             tokens=f"{La}x{Lb}", extrapolated=False, dpo_s=t_dpo))
+            progress(f"{name} pair {k}: token ghost {La}x{Lb}: {t:.2f} s ({t / t_dpo:.2f}x DPO), "
+                     f"peak +{m / 2**30:.2f} GiB")
+            n = min(n_small, La, Lb)
+            ws, ls = _cut(w, n), _cut(l, n)
+            for impl in ("func", "autograd"):
+                t, m = _measure(lambda: token_gram(model, ws, ls, pair.pad_id, impl=impl, chunk_size=2), repeat)
+                scale = (La + Lb) / (2 * n)  # cost ∝ number of token gradients
+                rows.append(dict(base, level="token", impl=impl, s_per_pair=t * scale, peak_mib=m / 2**20,
+                                 tokens=f"{n}x{n} -> {La}x{Lb}", extrapolated=True, dpo_s=t_dpo))
+                progress(f"{name} pair {k}: token {impl} {n}x{n}: {t:.2f} s, extrapolated to {La}x{Lb}: "
+                         f"{t * scale:.2f} s")
+    df = pd.DataFrame(rows)
+    df["ratio_to_dpo"] = df["s_per_pair"] / df["dpo_s"]
+    return df
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean over pairs per (data, level, impl), with the ratio to DPO and to the autograd loop."""
+    g = df.groupby(["data", "level", "impl"], sort=False).agg(
+        s_per_pair=("s_per_pair", "mean"), peak_mib=("peak_mib", "max"), ratio_to_dpo=("ratio_to_dpo", "mean"),
+        tokens=("tokens", "first"), extrapolated=("extrapolated", "first"), T_w=("T_w", "mean")).reset_index()
+    auto = g[g.impl == "autograd"].set_index(["data", "level"])["s_per_pair"]
+    g["speedup_vs_autograd"] = [auto.get((d, lv), float("nan")) / s
+                                for d, lv, s in zip(g.data, g.level, g.s_per_pair)]
+    return g
+
+
+def write_report(df: pd.DataFrame, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    return out
