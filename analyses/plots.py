@@ -68,3 +68,58 @@ def save_figure(fig, stem: str | Path) -> list[Path]:
             fig.savefig(p)
     plt.close(fig)
     return paths
+
+
+def plot_cosine(records: pd.DataFrame, ax=None, *, by: str | None = None, title: str | None = None):
+    """cos(∇log π_w, ∇log π_l) of the probe pairs over steps (seed 004 Fig. 4a / 7).
+
+    ``by``: a column (e.g. ``style`` or ``loss``) drawing one line per value; mean ± s.e.m.
+    """
+    with plt.rc_context(STYLE):
+        fig, ax = _axes(ax)
+        df = records.dropna(subset=["cos_wl"])
+        groups = [(None, df)] if by is None else list(df.groupby(by, sort=False))
+        for i, (name, g) in enumerate(groups):
+            color = CHOSEN if by is None else plt.get_cmap("tab10")(i)
+            _band(ax, g, "cos_wl", color, str(name) if name is not None else "cos")
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.set_xlabel("step")
+        ax.set_ylabel(r"$\cos(\nabla\log\pi_w, \nabla\log\pi_l)$")
+        if title:
+            ax.set_title(title)
+        if by is not None:
+            ax.legend(frameon=False)
+    return fig
+
+
+def plot_predicted_vs_actual(records: pd.DataFrame, ax=None, *, title: str | None = None):
+    """Scatter of the actual one-step Δlog π_w against its first-order prediction from the real
+    update, ⟨∇log π_w, Δθ⟩ (``upd_dw``), with the identity line."""
+    with plt.rc_context(STYLE):
+        fig, ax = _axes(ax)
+        df = records.dropna(subset=["act_dw", "upd_dw"])
+        ax.scatter(df.upd_dw, df.act_dw, s=8, color=CHOSEN, alpha=0.7, lw=0, label=r"$y_w$")
+        if "act_dl" in df:
+            ax.scatter(df.upd_dl, df.act_dl, s=8, color=REJECTED, alpha=0.7, lw=0, label=r"$y_l$")
+        lim = [min(df.upd_dw.min(), df.act_dw.min(), 0), max(df.upd_dw.max(), df.act_dw.max(), 0)]
+        if "act_dl" in df:
+            lim = [min(lim[0], df.upd_dl.min(), df.act_dl.min()), max(lim[1], df.upd_dl.max(), df.act_dl.max())]
+        ax.plot(lim, lim, color="0.5", lw=0.8, ls="--")
+        ax.set_xlabel(r"predicted $\langle\nabla\log\pi, \Delta\theta\rangle$")
+        ax.set_ylabel(r"actual $\Delta\log\pi$")
+        if title:
+            ax.set_title(title)
+        ax.legend(frameon=False)
+    return fig
+
+
+def plot_dynamics_panel(records: pd.DataFrame, title: str | None = None):
+    """Two panels: gradient cosine over steps, and predicted vs actual one-step changes."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(6.8, 2.6))
+    plot_cosine(records, axes[0])
+    plot_predicted_vs_actual(records, axes[1])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

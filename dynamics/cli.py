@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 DEMO = dict(model="smollm2-135m", data=None, data_kind="sentiment", style="long_suffix", loss="dpo",
-            sft_steps=24, sft_lr=2e-5, steps=40, batch_size=4, lr=5e-6, eval_every=4, n_probe=16,
-            optimizer="adamw", seed=0)
+            sft_steps=24, sft_lr=2e-5, steps=40, batch_size=4, lr=5e-6, eval_every=5, n_probe=8,
+            optimizer="adamw", seed=0, token_pairs=1)
 
 
 def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -126,14 +126,17 @@ def cmd_logprobs(args) -> int:
 
 
 def _plot_run(run_dir: Path) -> list[Path]:
-    from analyses.plots import plot_logprobs, save_figure
+    from analyses.plots import plot_dynamics_panel, plot_logprobs, save_figure
     from dynamics.record import read_table
 
     records = read_table(run_dir, "records")
     cfg = json.loads((run_dir / "config.json").read_text())
-    title = f"{cfg.get('loss', '')} · {cfg.get('model', '')}"
+    loss = cfg.get("loss", cfg.get("recorder", {}).get("loss", ""))
+    title = f"{loss} · {cfg.get('model', '')}".strip(" ·")
     paths = save_figure(plot_logprobs(records, title=title), run_dir / "logprobs")
     paths += save_figure(plot_logprobs(records, normalized=True, title=title), run_dir / "logprobs_norm")
+    if {"cos_wl", "act_dw", "upd_dw"} <= set(records.columns) and records.cos_wl.notna().any():
+        paths += save_figure(plot_dynamics_panel(records, title=title), run_dir / "dynamics")
     return paths
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jacrev, vmap
 
 from dynamics.logprobs import (Batch, TokenizedPairs, TokenizedSequence, _check_context, batch_logprobs,
-                               collate)
+                               collate, unwrap)
 
 __all__ = ["IMPLS", "LEVELS", "select_params", "TokenGram", "sentence_gram", "token_gram",
            "pair_inner_products", "make_gram_fn", "flat_grads", "token_flat_grads"]
@@ -120,17 +120,29 @@ def _check_impl(impl: str) -> None:
 
 @contextlib.contextmanager
 def _analysis_mode(model, eager: bool = False) -> Iterator[None]:
-    """Eval mode, grad enabled, optionally eager attention (vmap); the caller's state restored."""
+    """Eval mode (dropout and activation checkpointing off), grad enabled, optionally eager
+    attention (vmap, jvp), and without the input-requires-grad hook that trainers add for PEFT +
+    checkpointing (``requires_grad_`` inside a torch.func transform is an error); the caller's
+    state is restored."""
     was_training = model.training
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switch = eager and attn is not None and attn != "eager"
+    get_emb = getattr(unwrap(model), "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    # transformers' enable_input_require_grads hook (possibly registered more than once)
+    hooks = {k: f for k, f in getattr(emb, "_forward_hooks", {}).items()
+             if getattr(f, "__name__", "") == "make_inputs_require_grads"}
     try:
         model.eval()
         if switch:
             model.set_attn_implementation("eager")
+        for k in hooks:
+            del emb._forward_hooks[k]
         with torch.enable_grad():
             yield
     finally:
+        if hooks:
+            emb._forward_hooks.update(hooks)
         if switch:
             model.set_attn_implementation(attn)
         model.train(was_training)

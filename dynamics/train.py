@@ -2,19 +2,20 @@
 
 One run: load a model, optionally SFT it on ``prompt + chosen``, take the SFT model as the
 reference (its log-probs of every pair are computed once and cached, so no second model is
-kept), then train with the chosen preference loss. Every ``eval_every`` steps a fixed set of
-probe pairs is scored and one flat row per step × probe pair goes to ``records.parquet``:
+kept), then train with the chosen preference loss (full fine-tuning or LoRA, AdamW or SGD,
+gradient accumulation). Every ``eval_every`` steps a `dynamics.recorder.Recorder` measures a
+fixed set of probe pairs around the optimizer update (log-probs, gradient inner products,
+predicted and actual changes, what-if table, token Grams) into the run directory.
 
-    step, pair_id, loss, loss_value, logp_w, logp_l, logp_w_norm, logp_l_norm, ref_w, ref_l,
-    len_w, len_l, margin, reward_acc, d_w, d_l
-
-``step`` counts preference optimizer steps; the row at step s describes the model after s
-updates (step 0 = the reference). ``margin = (logp_w - ref_w) - (logp_l - ref_l)`` and
-``reward_acc = margin > 0`` are the DPO implicit-reward margin and accuracy, whatever the loss.
+Checkpoints (``checkpoint/``: trainable parameters, optimizer state, step) are written
+atomically every ``save_every`` steps; ``resume=True`` continues from the last one and drops
+the rows recorded after it, so a run killed at any moment (even by SIGKILL) resumes without
+duplicate or missing rows.
 """
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,13 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     sft_steps: int = field(default=0, metadata={"help": "SFT steps on prompt+chosen before preference training"})
     sft_lr: float = field(default=5e-5, metadata={"help": "SFT learning rate (AdamW)"})
-    eval_every: int = field(default=5, metadata={"help": "score the probe pairs every this many steps"})
+    eval_every: int = field(default=5, metadata={"help": "record the probe pairs every this many steps"})
+    impl: str = field(default="ghost", metadata={"help": "gradient engine for the diagnostics: ghost, func, autograd"})
+    whatif: bool = field(default=True, metadata={"help": "record the what-if table over the loss zoo"})
+    token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every this many steps (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint"})
     max_length: int | None = field(default=None, metadata={"help": "max prompt+response tokens (prompt cut from the left)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, splits and tiny-model init"})
     dtype: str = field(default="float32", metadata={"help": "float32, float64 or bfloat16"})
@@ -68,8 +75,9 @@ class TrainConfig:
                                 ("dtype", self.dtype in DTYPES, tuple(DTYPES))]:
             if not ok:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(valid)}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "n_probe"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
+        positive = ("batch_size", "grad_accum", "eval_every", "n_probe")
+        for name in positive + ("steps", "token_pairs", "lora_r", "save_every"):
+            if getattr(self, name) < (1 if name in positive else 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
@@ -133,44 +141,58 @@ def _ref_tensors(ref, idx, dtype, device):
     return as_t("ref_w"), as_t("ref_l")
 
 
-@torch.no_grad()
-def probe_records(model, probe: TokenizedPairs, ref, cfg: TrainConfig, step: int) -> list[dict]:
-    """One row per probe pair describing the model now (see the module docstring)."""
-    was = model.training
-    model.eval()
-    out = pair_logprobs(model, probe)
-    model.train(was)
-    dtype = out.chosen.logp.dtype
-    ref_w, ref_l = _ref_tensors(ref, list(range(len(probe))), dtype, out.chosen.logp.device)
-    lw, ll = out.chosen.logp, out.rejected.logp
-    nw, nl = out.chosen.lengths.to(dtype), out.rejected.lengths.to(dtype)
-    try:
-        lo = compute_loss(cfg.loss, lw, ll, ref_w, ref_l, nw, nl, **cfg.loss_params)
-    except ValueError as e:
-        raise ValueError(f"step {step}: probe pairs: {e}") from e
-    margin = (lw - ref_w) - (ll - ref_l)
-    rows = []
-    for k, pid in enumerate(probe.pair_ids):
-        rows.append(dict(
-            step=step, pair_id=pid, loss=cfg.loss, loss_value=float(lo.loss[k]),
-            logp_w=float(lw[k]), logp_l=float(ll[k]),
-            logp_w_norm=float(out.chosen.logp_norm[k]), logp_l_norm=float(out.rejected.logp_norm[k]),
-            ref_w=float(ref_w[k]), ref_l=float(ref_l[k]), len_w=int(nw[k]), len_l=int(nl[k]),
-            margin=float(margin[k]), reward_acc=bool(margin[k] > 0),
-            d_w=float(lo.d_w[k]), d_l=float(lo.d_l[k])))
-    return rows
+def apply_lora(model, r: int, seed: int):
+    """Wrap ``model`` with PEFT LoRA adapters of rank ``r`` on every linear layer of the body."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def _save_checkpoint(path: Path, model, opt, step: int) -> None:
+    """Atomically replace ``path/`` by: trainable parameters, optimizer state, the step."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(dict(params=state, optimizer=opt.state_dict(), step=step), tmp / "state.pt")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(path: Path, model, opt) -> int:
+    """Load `_save_checkpoint`'s state into ``model`` and ``opt``; returns the step."""
+    if not (path / "state.pt").is_file() and (path.with_name(path.name + ".old") / "state.pt").is_file():
+        path = path.with_name(path.name + ".old")  # killed between the two renames
+    state = torch.load(path / "state.pt", weights_only=False)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state["params"].items():
+            named[n].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
 def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     """Run ``cfg`` end to end and return its run directory.
 
     ``model``/``tokenizer`` may be passed to reuse a loaded model (``cfg.model`` is then only
-    recorded). A NaN or infinite loss stops the run with a ValueError; every row recorded before
-    it stays on disk.
+    recorded). A NaN or infinite loss stops the run with a ValueError naming the step; every
+    row recorded before it stays on disk.
     """
     from tqdm.auto import tqdm
 
+    from dynamics.recorder import Recorder, RecorderConfig
+
     run = RunDir(cfg.out)
+    ckpt = run.path / "checkpoint"
+    has_ckpt = any((p / "state.pt").is_file() for p in (ckpt, ckpt.with_name("checkpoint.old")))
+    if cfg.resume and not has_ckpt:
+        raise FileNotFoundError(f"resume=True but {ckpt} holds no checkpoint")
     run.write_config(cfg)
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -185,22 +207,42 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
         raise ValueError(f"{len(train_tp)} training pairs are fewer than batch_size={cfg.batch_size}")
 
     t0 = time.time()
-    if cfg.sft_steps:
+    sft_file = run.path / "sft_model.pt"
+    if cfg.sft_steps and cfg.resume:  # the reference is the post-SFT model: restore it
+        state = torch.load(sft_file)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(state[n])
+    elif cfg.sft_steps:
         sft_losses = sft(model, train_tp, steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
                          seed=cfg.seed, progress=cfg.progress)
         run.append("sft", [dict(step=i + 1, nll=v) for i, v in enumerate(sft_losses)])
+        if cfg.save_every:
+            torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, sft_file)
+    if cfg.lora_r:
+        model = apply_lora(model, cfg.lora_r, cfg.seed)
 
-    # The model after SFT is the reference: its log-probs are computed once.
+    # The model after SFT is the reference: its log-probs are computed once (and cached on disk).
     ref_train = cached_reference_logprobs(model, train_tp, run.path / "ref_train.parquet")
     ref_probe = cached_reference_logprobs(model, probe_tp, run.path / "ref_probe.parquet")
-    run.append("records", probe_records(model, probe_tp, ref_probe, cfg, step=0))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.lr,
+                          cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        start = _load_checkpoint(ckpt, model, opt)
+        for table in ("records", "whatif", "token_decomp"):  # rows of steps >= start are redone
+            run.truncate_after(table, start - 1)
+        run.truncate_after("train", start)
+    rec = Recorder(model, probe_tp, ref_probe, run, RecorderConfig(
+        loss=cfg.loss, loss_params=cfg.loss_params, lr=cfg.lr, impl=cfg.impl, whatif=cfg.whatif,
+        token_pairs=cfg.token_pairs))
     batches = _batches(len(train_tp), cfg.batch_size, cfg.seed)
+    for _ in range(start):  # the same batch sequence as an uninterrupted run
+        next(batches)
     micro = cfg.batch_size // cfg.grad_accum
     model.train()
-    for step in tqdm(range(1, cfg.steps + 1), desc=cfg.loss, disable=not cfg.progress):
+    for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress, initial=start,
+                     total=cfg.steps):
         idx = next(batches)
         opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -217,9 +259,18 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
             loss = lo.loss.sum() / len(idx)  # mean over the whole optimizer batch
             loss.backward()
             total += loss.item()
+        record = step % cfg.eval_every == 0
+        if record:
+            try:
+                rec.before_update(step)
+            except ValueError as e:
+                raise ValueError(f"step {step}: probe pairs: {e}") from e
         opt.step()
-        run.append("train", [dict(step=step, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0)])
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            run.append("records", probe_records(model, probe_tp, ref_probe, cfg, step=step))
+        if record:
+            rec.after_update()
+        run.append("train", [dict(step=step + 1, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0)])
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            _save_checkpoint(ckpt, model, opt, step + 1)
+    rec.final(cfg.steps)
     model.eval()
     return run

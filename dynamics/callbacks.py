@@ -1,0 +1,112 @@
+"""A transformers `TrainerCallback` that records the margin-pitfall diagnostics of a probe set.
+
+Works with any `transformers.Trainer` whose model is a causal LM, in particular TRL's
+``DPOTrainer`` (and ``CPOTrainer``/``ORPOTrainer``/``KTOTrainer``: pass the matching ``loss``)::
+
+    cb = DynamicsCallback(probe_pairs, "runs/trl_dpo", every=10, loss="dpo", loss_params={"beta": 0.1})
+    trainer = DPOTrainer(model=model, args=args, ...)
+    cb.attach(trainer)           # first in the callback list, so summaries reach TensorBoard / W&B
+    trainer.train()
+
+Every ``every`` optimizer steps it runs the shared `dynamics.recorder.Recorder`:
+``on_pre_optimizer_step`` measures θ_s (after the gradients of the step were accumulated, so
+gradient accumulation is handled) and snapshots the trainable parameters; ``on_optimizer_step``
+measures θ_{s+1}, i.e. the real update of the real optimizer, and writes the rows; ``on_log``
+adds the scalar summaries (``dyn/cos_wl``, ``dyn/act_dw``, …) to the trainer's logs.
+
+Reference log-probs of the probe pairs are computed at ``on_train_begin`` from the model as it
+is then (TRL's default reference: the initial policy; for a PEFT model, with the adapters
+disabled), unless given as ``ref`` (a DataFrame with ``ref_w, ref_l`` in probe order).
+
+What it cannot do: sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
+parameter snapshot and the probe forward passes assume one process holding the whole model;
+it raises for ``world_size > 1``), and it tokenizes the probe pairs itself (prompt and
+response separately, `dynamics.logprobs`), which may differ from a trainer's own tokenization
+by an EOS token; the recorded log-probs are then those of the probe text as tokenized here.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from dynamics.logprobs import reference_logprobs, tokenize_pairs
+from dynamics.record import RunDir, to_jsonable
+from dynamics.recorder import Recorder, RecorderConfig
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object
+
+
+class DynamicsCallback(TrainerCallback):
+    """Records seed-004 diagnostics of ``probe_pairs`` into ``out_dir`` every ``every`` steps.
+
+    Args:
+        probe_pairs: `dynamics.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
+        out_dir: run directory (``config.json``, ``records.parquet``, ``whatif.parquet``, …).
+        every: record at optimizer steps 0, every, 2·every, …
+        loss, loss_params: the loss whose ``d_w, d_l`` apply (a name in ``LOSSES``; TRL's
+            ``loss_type="sigmoid"`` is ``"dpo"`` with its ``beta``).
+        params, impl, whatif, token_pairs: see `RecorderConfig`.
+        ref: precomputed reference log-probs of the probe pairs (else computed at train begin).
+        max_length: tokenization limit (prompt cut from the left).
+    """
+
+    def __init__(self, probe_pairs: Sequence, out_dir: str | Path, *, every: int = 10, loss: str = "dpo",
+                 loss_params: dict | None = None, params="trainable", impl: str = "ghost", whatif: bool = True,
+                 token_pairs: int = 1, ref: pd.DataFrame | None = None, max_length: int | None = None):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.pairs, self.every, self.ref, self.max_length = list(probe_pairs), every, ref, max_length
+        self.cfg_kwargs = dict(loss=loss, loss_params=dict(loss_params or {}), params=params, impl=impl,
+                               whatif=whatif, token_pairs=token_pairs)
+        RecorderConfig(**self.cfg_kwargs)  # validate now, not at train begin
+        self.run = RunDir(out_dir)
+        self.rec: Recorder | None = None
+        self._summary: dict | None = None
+
+    def attach(self, trainer) -> "DynamicsCallback":
+        """Put this callback first in ``trainer``'s list, before the reporting integrations."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if getattr(args, "world_size", 1) > 1:
+            raise RuntimeError("DynamicsCallback supports single-process training only (world_size > 1)")
+        tok = processing_class if processing_class is not None else kwargs.get("tokenizer")
+        tok = getattr(tok, "tokenizer", tok)  # processors wrap a tokenizer
+        probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length,
+                               truncation="prompt_left" if self.max_length else "error")
+        ref = self.ref
+        if ref is None:
+            disable = getattr(model, "disable_adapter", None)
+            with (disable() if callable(disable) else contextlib.nullcontext()):
+                ref = reference_logprobs(model, probe)
+        cfg = RecorderConfig(lr=args.learning_rate, **self.cfg_kwargs)
+        self.run.write_config(dict(recorder=cfg, every=self.every, trainer=type(args).__name__,
+                                   training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
+        self.rec = Recorder(model, probe, ref, self.run, cfg)
+
+    def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        if self.rec is not None and state.global_step % self.every == 0:
+            lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+            self.rec.before_update(state.global_step, lr=lr)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.rec is not None and self.rec.pending:
+            self._summary = self.rec.after_update()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._summary and logs is not None:
+            logs.update(self._summary)  # later callbacks (TensorBoard, W&B) see them
+            if state.log_history:
+                state.log_history[-1].update(self._summary)
+            self._summary = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.rec is not None:
+            self.rec.final(state.global_step)

@@ -1,0 +1,204 @@
+"""Diagnostics of a fixed probe set around optimizer updates, for any training loop.
+
+    rec = Recorder(model, probe_pairs, ref_logps, RunDir("runs/x"), RecorderConfig(loss="dpo"))
+    for step, batch in enumerate(loader):
+        loss = ...; loss.backward()
+        if step % 10 == 0:
+            rec.before_update(step)        # θ_s: log-probs, gradient inner products, predictions
+        optimizer.step(); optimizer.zero_grad()
+        if rec.pending:
+            logs = rec.after_update()      # θ_{s+1}: actual changes, update-based prediction
+    rec.final(step + 1)
+
+The plain trainer (`dynamics.train`) and the transformers callback (`dynamics.callbacks`) both
+drive this class. One flat row per step × probe pair goes to ``records.parquet``:
+
+- state at θ_s: ``logp_w, logp_l`` (+ ``_norm``), ``ref_w, ref_l``, ``margin``, ``reward_acc``,
+  ``loss_value``, ``d_w, d_l`` (seed 004 eq. 8 coefficients of the run's loss);
+- gradients at θ_s: ``ip_wl = ⟨g_w,g_l⟩``, ``sq_w``, ``sq_l``, ``cos_wl``;
+- SGD-form prediction of a step of size η on this pair alone (seed 004 §3.2):
+  ``pred_dw, pred_dl``, thresholds ``thr_w, thr_l`` (eq. 9/10) and ``case_pred`` (Table 1);
+- the real update Δθ = θ_{s+1} − θ_s (any optimizer, any batch): its exact first-order effect
+  ``upd_dw = ⟨g_w, Δθ⟩``, ``upd_dl`` (forward-mode jvp, no per-example gradient), the actual
+  changes ``act_dw, act_dl`` and ``case_obs``.
+
+``whatif.parquet`` holds the SGD-form prediction under every loss of the zoo from the same
+gradients; ``token_grams/step{s}_{pair}.npz`` the token Grams of the first ``token_pairs`` probes
+with the Theorem 3 decomposition in ``token_decomp.parquet``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dynamics import conditions
+from dynamics.grads import pair_inner_products, select_params, token_gram
+from dynamics.logprobs import TokenizedPairs, pair_logprobs
+from dynamics.losses import compute_loss, resolve_hyper
+from dynamics.record import RunDir
+
+
+@dataclass
+class RecorderConfig:
+    """What the recorder computes; saved inside the run's ``config.json``."""
+    loss: str = field(default="dpo", metadata={"help": "loss whose d_w, d_l are recorded"})
+    loss_params: dict = field(default_factory=dict, metadata={"help": "its hyper-parameters"})
+    lr: float = field(default=5e-6, metadata={"help": "η of the SGD-form prediction"})
+    impl: str = field(default="ghost", metadata={"help": "gradient engine: ghost, func or autograd"})
+    params: object = field(default="trainable", metadata={"help": "parameters θ of the gradients"})
+    whatif: bool = field(default=True, metadata={"help": "record the what-if table over the loss zoo"})
+    token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
+    token_chunk: int | None = field(default=8, metadata={"help": "token vjps per batched backward"})
+
+    def __post_init__(self):
+        self.loss_params = resolve_hyper(self.loss, self.loss_params)
+        if self.impl not in ("ghost", "func", "autograd"):
+            raise ValueError(f"unknown impl {self.impl!r}; known: ghost, func, autograd")
+        if self.lr <= 0 or self.token_pairs < 0:
+            raise ValueError("lr must be > 0 and token_pairs >= 0")
+
+
+@contextlib.contextmanager
+def _eval(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class Recorder:
+    """Records the diagnostics of ``probe`` (B pairs) before and after optimizer updates.
+
+    ``ref`` holds the reference log-probs of the probe pairs in probe order (a DataFrame with
+    ``ref_w, ref_l``, e.g. from `dynamics.logprobs.reference_logprobs`).
+    """
+
+    def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig):
+        self.model, self.probe, self.run, self.cfg = model, probe, run, cfg
+        self.params = select_params(model, cfg.params) if not isinstance(cfg.params, dict) else cfg.params
+        self.ref_w = torch.tensor(ref["ref_w"].to_numpy())
+        self.ref_l = torch.tensor(ref["ref_l"].to_numpy())
+        self._pending: dict | None = None
+        (run.path / "token_grams").mkdir(exist_ok=True)
+
+    @property
+    def pending(self) -> bool:
+        """True between `before_update` and `after_update`."""
+        return self._pending is not None
+
+    # ------------------------------------------------------------------ state at θ
+    def _state(self) -> dict:
+        with _eval(self.model), torch.no_grad():
+            out = pair_logprobs(self.model, self.probe)
+        dtype = out.chosen.logp.dtype
+        lw, ll = out.chosen.logp.double(), out.rejected.logp.double()
+        nw, nl = out.chosen.lengths.double(), out.rejected.lengths.double()
+        return dict(lw=lw, ll=ll, lw_norm=out.chosen.logp_norm.double(), ll_norm=out.rejected.logp_norm.double(),
+                    nw=nw, nl=nl, dtype=dtype)
+
+    def before_update(self, step: int, lr: float | None = None) -> None:
+        """Measure θ_s: log-probs, coefficients, gradient inner products, predictions; snapshot θ."""
+        cfg = self.cfg
+        lr = cfg.lr if lr is None else lr
+        st = self._state()
+        rw, rl = self.ref_w.double(), self.ref_l.double()
+        lo = compute_loss(cfg.loss, st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], **cfg.loss_params)
+        ip = {k: v.double().cpu() for k, v in
+              pair_inner_products(self.model, self.probe, params=self.params, impl=cfg.impl).items()}
+        pred = conditions.predict(lo.d_w, lo.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
+        snapshot = {n: p.detach().clone() for n, p in self.params.items()}
+        self._pending = dict(step=step, lr=lr, st=st, lo=lo, ip=ip, pred=pred, snapshot=snapshot)
+        if cfg.whatif:
+            wi = conditions.what_if(st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], ip["ip_wl"], ip["sq_w"],
+                                    ip["sq_l"], lr=lr, pair_ids=self.probe.pair_ids)
+            wi = wi.rename(columns={"pair": "pair_id"})
+            wi.insert(0, "step", step)
+            self._pending["whatif"] = wi
+        self._pending["token"] = [self._token(step, k, lo, lr) for k in range(min(cfg.token_pairs, len(self.probe)))]
+
+    def _token(self, step: int, k: int, lo, lr: float) -> list[dict]:
+        """Token Grams of probe pair k and the Theorem 3 decomposition of the predicted change."""
+        w, l, pad = self.probe.chosen[k], self.probe.rejected[k], self.probe.pad_id
+        kw = dict(params=self.params, impl=self.cfg.impl, chunk_size=self.cfg.token_chunk)
+        wl = token_gram(self.model, w, l, pad, **kw)
+        ww = token_gram(self.model, w, w, pad, **kw)
+        ll_ = token_gram(self.model, l, l, pad, **kw)
+        pid = self.probe.pair_ids[k]
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pid)
+        np.savez(self.run.path / "token_grams" / f"step{step:06d}_{safe}.npz",
+                 M=wl.M.double().cpu().numpy(), cos=wl.cos.double().cpu().numpy(),
+                 sq_w=wl.sq_a.double().cpu().numpy(), sq_l=wl.sq_b.double().cpu().numpy(),
+                 tokens_w=np.array(wl.tokens_a), tokens_l=np.array(wl.tokens_b), pair_id=np.array(pid), step=step)
+        m = conditions.first_difference(w.response_ids, l.response_ids)
+        dec = conditions.token_decomposition(ww.M.double(), wl.M.double(), ll_.M.double(), float(lo.d_w[k]),
+                                             float(lo.d_l[k]), m, lr)
+        return [dict(step=step, pair_id=pid, response=side, m=m, token=t, token_str=toks[t],
+                     segment="before" if t < m else "at" if t == m else "after", pred=float(v))
+                for side, toks, tok in (("chosen", w.tokens, dec["tok_w"]), ("rejected", l.tokens, dec["tok_l"]))
+                for t, v in enumerate(tok)]
+
+    # ------------------------------------------------------------------ after the update
+    def after_update(self) -> dict[str, float]:
+        """Measure θ_{s+1}; write the rows of step s. Returns scalar summaries for loggers."""
+        if self._pending is None:
+            raise RuntimeError("after_update() without before_update()")
+        p, self._pending = self._pending, None
+        delta = {n: (self.params[n].detach() - p["snapshot"][n]) for n in self.params}
+        seqs = self.probe.chosen + self.probe.rejected
+        with _eval(self.model):
+            upd = conditions.update_prediction(self.model, seqs, self.probe.pad_id, delta, self.params)
+        upd = upd.double().cpu()
+        B = len(self.probe)
+        new = self._state()
+        act_dw, act_dl = new["lw"] - p["st"]["lw"], new["ll"] - p["st"]["ll"]
+        rows = self._rows(p, upd_dw=upd[:B], upd_dl=upd[B:], act_dw=act_dw, act_dl=act_dl)
+        self.run.append("records", rows)
+        if "whatif" in p:
+            self.run.append("whatif", p["whatif"].to_dict("records"))
+        tok_rows = [r for rows_k in p["token"] for r in rows_k]
+        if tok_rows:
+            self.run.append("token_decomp", tok_rows)
+        df = pd.DataFrame(rows)
+        return {"dyn/cos_wl": float(df.cos_wl.mean()), "dyn/logp_w": float(df.logp_w.mean()),
+                "dyn/logp_l": float(df.logp_l.mean()), "dyn/act_dw": float(df.act_dw.mean()),
+                "dyn/act_dl": float(df.act_dl.mean()), "dyn/upd_dw": float(df.upd_dw.mean()),
+                "dyn/frac_case2": float((df.case_obs == 2).mean())}
+
+    def final(self, step: int) -> None:
+        """Rows for the final state (log-probs only; no update follows)."""
+        self._pending = None
+        st = self._state()
+        cfg = self.cfg
+        lo = compute_loss(cfg.loss, st["lw"], st["ll"], self.ref_w.double(), self.ref_l.double(), st["nw"],
+                          st["nl"], **cfg.loss_params)
+        self.run.append("records", self._rows(dict(step=step, lr=cfg.lr, st=st, lo=lo, ip=None, pred=None)))
+
+    def _rows(self, p: dict, **changes) -> list[dict]:
+        st, lo = p["st"], p["lo"]
+        rw, rl = self.ref_w.double(), self.ref_l.double()
+        margin = (st["lw"] - rw) - (st["ll"] - rl)
+        obs = conditions.case(changes["act_dw"], changes["act_dl"]) if changes else None
+        rows = []
+        for k, pid in enumerate(self.probe.pair_ids):
+            row = dict(step=p["step"], pair_id=pid, loss=self.cfg.loss, loss_value=float(lo.loss[k]),
+                       logp_w=float(st["lw"][k]), logp_l=float(st["ll"][k]),
+                       logp_w_norm=float(st["lw_norm"][k]), logp_l_norm=float(st["ll_norm"][k]),
+                       ref_w=float(rw[k]), ref_l=float(rl[k]), len_w=int(st["nw"][k]), len_l=int(st["nl"][k]),
+                       margin=float(margin[k]), reward_acc=bool(margin[k] > 0),
+                       d_w=float(lo.d_w[k]), d_l=float(lo.d_l[k]), lr=p["lr"])
+            if p["ip"] is not None:
+                ip, pred = p["ip"], p["pred"]
+                row.update(ip_wl=float(ip["ip_wl"][k]), sq_w=float(ip["sq_w"][k]), sq_l=float(ip["sq_l"][k]),
+                           cos_wl=float(ip["cos_wl"][k]), pred_dw=float(pred["dlogp_w"][k]),
+                           pred_dl=float(pred["dlogp_l"][k]), thr_w=float(pred["thr_w"][k]),
+                           thr_l=float(pred["thr_l"][k]), case_pred=int(pred["case"][k]))
+            if changes:
+                row.update({k2: float(v[k]) for k2, v in changes.items()}, case_obs=int(obs[k]))
+            rows.append(row)
+        return rows

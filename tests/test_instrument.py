@@ -1,0 +1,150 @@
+"""Training instrumentation: the Recorder's rows, predicted vs actual changes, the TRL callback,
+and crash-safe run directories (SIGKILL, then --resume without duplicate or missing rows)."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dynamics.losses import LOSSES
+from dynamics.record import read_table
+from dynamics.train import TrainConfig, train
+
+DIAG_COLUMNS = {"ip_wl", "sq_w", "sq_l", "cos_wl", "pred_dw", "pred_dl", "thr_w", "thr_l", "case_pred",
+                "upd_dw", "upd_dl", "act_dw", "act_dl", "case_obs"}
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), model="tiny-llama", n_pairs=24, n_probe=4, steps=4, batch_size=4,
+                eval_every=2, lr=1e-3, progress=False, dtype="float64", optimizer="sgd")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_records_have_diagnostics_and_first_order_predictions(tmp_path):
+    run = train(tiny_cfg(tmp_path, lr=1e-3, steps=3, eval_every=1, token_pairs=1))
+    rec = read_table(run.path, "records")
+    assert DIAG_COLUMNS <= set(rec.columns)
+    assert sorted(rec.step.unique()) == [0, 1, 2, 3]
+    body = rec[rec.step < 3]
+    assert body[list(DIAG_COLUMNS)].notna().all().all()
+    assert rec[rec.step == 3][["act_dw", "upd_dw"]].isna().all().all()  # final state: no update follows
+    # the next row's log-prob is this row's plus the actual change
+    for s in (0, 1, 2):
+        a, b = rec[rec.step == s].set_index("pair_id"), rec[rec.step == s + 1].set_index("pair_id")
+        assert np.allclose(a.logp_w + a.act_dw, b.logp_w.loc[a.index], atol=1e-10)
+    # ⟨g, Δθ⟩ predicts the actual change of a small SGD step to first order
+    err = (body.upd_dw - body.act_dw).abs() / body.act_dw.abs()
+    assert err.median() < 0.05
+    assert (body.cos_wl.abs() <= 1).all() and (body.sq_w > 0).all()
+    wi = read_table(run.path, "whatif")
+    assert set(wi["loss"]) == set(LOSSES) and sorted(wi.step.unique()) == [0, 1, 2]
+    dpo = wi[wi["loss"] == "dpo"].set_index(["step", "pair_id"]).sort_index()
+    own = body.set_index(["step", "pair_id"]).sort_index()
+    assert np.allclose(dpo.dlogp_w.loc[own.index], own.pred_dw, rtol=1e-9, atol=1e-14)
+    grams = sorted((run.path / "token_grams").glob("*.npz"))
+    assert len(grams) == 3
+    z = np.load(grams[0])
+    assert z["M"].shape == (len(z["tokens_w"]), len(z["tokens_l"]))
+    dec = read_table(run.path, "token_decomp")
+    assert len(dec) > 0 and set(dec.step) == {0, 1, 2}
+
+
+def test_sgd_self_step_prediction_matches_reality(tmp_path):
+    """A step on the probe pairs themselves: predicted (seed 004 eq. 5) vs actual, error O(η)."""
+    from dynamics import conditions
+    from dynamics.grads import pair_inner_products
+    from dynamics.logprobs import pair_logprobs, tokenize_pairs
+    from dynamics.data import builtin_sentiment_pairs
+    from dynamics.losses import compute_loss
+    from dynamics.models import load_model
+
+    model, tok = load_model("tiny-neox", dtype=torch.float64)
+    tp = tokenize_pairs(tok, builtin_sentiment_pairs("short_suffix", n=1))
+    with torch.no_grad():
+        out = pair_logprobs(model, tp)
+    ref_w, ref_l = out.chosen.logp - 0.3, out.rejected.logp + 0.2
+    errors = []
+    for lr in (1e-2, 1e-3):
+        m = copy.deepcopy(model)
+        o = pair_logprobs(m, tp)
+        lo = compute_loss("dpo", o.chosen.logp, o.rejected.logp, ref_w, ref_l)
+        ip = pair_inner_products(m, tp, impl="ghost")
+        pred = conditions.predict(lo.d_w, lo.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
+        lo.loss.sum().backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= lr * p.grad
+            new = pair_logprobs(m, tp)
+        act = new.chosen.logp - o.chosen.logp.detach()
+        errors.append(float((pred["dlogp_w"] - act).abs() / act.abs()))
+    assert errors[1] < 0.05 and errors[1] < errors[0] / 5  # first order: the error shrinks with η
+
+
+def test_resume_after_sigkill(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dynamics.cli", "train", "--model", "tiny-gpt2", "--n-pairs", "24",
+            "--n-probe", "4", "--steps", "40", "--batch-size", "4", "--eval-every", "1", "--save-every", "3",
+            "--lr", "1e-3", "--optimizer", "sgd", "--dtype", "float64", "--token-pairs", "0", "--no-whatif",
+            "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            if (out / "checkpoint" / "state.pt").exists() and read_table(out, "records").step.max() >= 7:
+                break
+        except Exception:  # a table being replaced is read again
+            pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = read_table(out, "records")  # readable after SIGKILL
+    assert killed.step.max() < 40
+    assert subprocess.run(args + ["--resume"], capture_output=True).returncode == 0
+    rec = read_table(out, "records")
+    counts = rec.groupby("step").pair_id.count()
+    assert counts.index.tolist() == list(range(41)) and (counts == 4).all()  # no duplicates, none missing
+    train_rows = read_table(out, "train")
+    assert train_rows.step.tolist() == list(range(1, 41))
+    # identical to an uninterrupted run (deterministic float64)
+    ref = train(TrainConfig(out=str(tmp_path / "ref"), model="tiny-gpt2", n_pairs=24, n_probe=4, steps=40,
+                            batch_size=4, eval_every=1, lr=1e-3, optimizer="sgd", dtype="float64", token_pairs=0,
+                            whatif=False, progress=False))
+    a = rec.sort_values(["step", "pair_id"]).logp_w.to_numpy()
+    b = ref.table("records").sort_values(["step", "pair_id"]).logp_w.to_numpy()
+    assert np.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_trl_dpo_trainer_with_callback(tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from dynamics.callbacks import DynamicsCallback
+    from dynamics.data import builtin_sentiment_pairs
+    from dynamics.models import tiny_model, tiny_tokenizer
+
+    tok, model = tiny_tokenizer(), tiny_model("llama", seed=0)
+    pairs = builtin_sentiment_pairs("short_suffix", n=20)
+    train_pairs, probe = pairs[:16], pairs[16:]
+    ds = Dataset.from_dict({"prompt": [p.prompt for p in train_pairs], "chosen": [p.chosen for p in train_pairs],
+                            "rejected": [p.rejected for p in train_pairs]})
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     max_steps=4, logging_steps=1, report_to=[], learning_rate=1e-3, use_cpu=True,
+                     save_strategy="no", beta=0.1)
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
+                         processing_class=tok)
+    cb = DynamicsCallback(probe, tmp_path / "dyn", every=2, loss="dpo", loss_params={"beta": 0.1}).attach(trainer)
+    trainer.train()
+    rec = read_table(tmp_path / "dyn", "records")
+    assert sorted(rec.step.unique()) == [0, 2, 4] and (rec.groupby("step").size() == 4).all()
+    body = rec[rec.step < 4]
+    assert body[list(DIAG_COLUMNS)].notna().all().all()
+    assert (body.act_dw != 0).all()  # the trainer's real AdamW update moved the probes
+    logged = [h for h in trainer.state.log_history if "dyn/cos_wl" in h]
+    assert len(logged) == 2
+    assert cb.rec.cfg.lr == pytest.approx(1e-3)
