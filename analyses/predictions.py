@@ -70,8 +70,8 @@ def sgd_self_step(model, pairs: TokenizedPairs, lrs=(1e-6, 1e-5, 1e-4), *, loss:
                              ip_wl=float(ip["ip_wl"][0]), sq_w=float(ip["sq_w"][0]), sq_l=float(ip["sq_l"][0]),
                              cos_wl=float(ip["cos_wl"][0]),
                              pred_dw=float(pred["dlogp_w"][0]), pred_dl=float(pred["dlogp_l"][0]),
-                             act_dw=float(new.chosen.logp[0] - out.chosen.logp[0]),
-                             act_dl=float(new.rejected.logp[0] - out.rejected.logp[0]),
+                             act_dw=float(new.chosen.logp[0] - out.chosen.logp[0].detach()),
+                             act_dl=float(new.rejected.logp[0] - out.rejected.logp[0].detach()),
                              case_pred=int(pred["case"][0])))
     df = pd.DataFrame(rows)
     df["case_obs"] = conditions.case(torch.tensor(df.act_dw.values), torch.tensor(df.act_dl.values)).tolist()

@@ -10,6 +10,7 @@ Sub-commands::
     dynamics demo [--out DIR]            SFT + DPO on SmolLM2 with the built-in statements
     dynamics grads --model M ...         gradient inner products (sentence / token level)
     dynamics bench grads                 benchmark the gradient engines against DPO fwd+bwd
+    dynamics predict-check               first-order predictions vs one real step (SGD, AdamW)
     dynamics plot RUN_DIR                regenerate a run's figures
 """
 from __future__ import annotations
@@ -248,6 +249,34 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_predict_check(args) -> int:
+    import pandas as pd
+
+    from analyses.predictions import adamw_steps, sgd_self_step, summarize_errors
+    from dynamics.logprobs import tokenize_pairs
+    from dynamics.models import load_model
+
+    model, tok = load_model(args.model, dtype=getattr(__import__("torch"), args.dtype))
+    pairs = tokenize_pairs(tok, _load_pairs_for(args), max_length=args.max_length,
+                           truncation="prompt_left" if args.max_length else "error")
+    n = min(args.pairs, len(pairs) // 2)
+    probe, train = pairs.subset(range(n)), pairs.subset(range(n, len(pairs)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sgd = sgd_self_step(model, probe, args.lrs, loss=args.loss, ref_offset=(args.ref_offset, -args.ref_offset))
+    adam = adamw_steps(model, train, probe, steps=args.adam_steps, lr=args.adam_lr, loss=args.loss)
+    sgd.to_parquet(out / "sgd_self_step.parquet", index=False)
+    adam.to_parquet(out / "adamw_steps.parquet", index=False)
+    tables = summarize_errors(sgd, adam)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"SGD, one step on each probe pair's own {args.loss} loss ({n} pairs): median relative error")
+        print(tables["sgd"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print(f"\nAdamW lr={args.adam_lr}, {args.adam_steps} steps on training batches, {n} probe pairs:")
+        print(tables["adamw"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nwrote {out}/sgd_self_step.parquet, {out}/adamw_steps.parquet")
+    return 0
+
+
 def cmd_plot(args) -> int:
     for p in _plot_run(Path(args.run_dir)):
         print(f"wrote {p}")
@@ -323,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token", action="store_true", help="sentence level only")
     p.add_argument("--out", default=None, help="CSV of every measurement")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("predict-check", help="first-order predictions vs one real step (SGD and AdamW)")
+    data_args(p)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--loss", default="dpo")
+    p.add_argument("--pairs", type=int, default=8, help="probe pairs")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3], help="SGD step sizes η")
+    p.add_argument("--ref-offset", type=float, default=1.0, help="reference = log-probs -/+ this (margin ≠ 0)")
+    p.add_argument("--adam-steps", type=int, default=3)
+    p.add_argument("--adam-lr", type=float, default=5e-6)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--out", default="runs/predict_check")
+    p.set_defaults(func=cmd_predict_check)
 
     p = sub.add_parser("plot", help="regenerate the figures of a run directory")
     p.add_argument("run_dir")

@@ -148,3 +148,16 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     logged = [h for h in trainer.state.log_history if "dyn/cos_wl" in h]
     assert len(logged) == 2
     assert cb.rec.cfg.lr == pytest.approx(1e-3)
+
+
+def test_cli_predict_check(tmp_path, capsys):
+    from dynamics.cli import main
+
+    out = tmp_path / "pc"
+    assert main(["predict-check", "--model", "tiny-llama", "--pairs", "2", "--limit", "10", "--adam-steps", "1",
+                 "--lrs", "1e-4", "1e-3", "--dtype", "float64", "--out", str(out)]) == 0
+    sgd = pd.read_parquet(out / "sgd_self_step.parquet")
+    assert len(sgd) == 4 and set(sgd.lr) == {1e-4, 1e-3}
+    err = ((sgd.pred_dw - sgd.act_dw).abs() / sgd.act_dw.abs()).groupby(sgd.lr).median()
+    assert err[1e-4] < 1e-3 and err[1e-4] < err[1e-3]
+    assert "real update" in capsys.readouterr().out
