@@ -238,10 +238,13 @@ def run_digits(*, etas=(0.1, 0.01), n_update_per_class: int = 5, n_observe: int 
                ) -> pd.DataFrame:
     """One SGD step on ``-log π(c|x_u)`` per update example; effects on held-out examples.
 
-    One row per (eta, u, o): ``u_idx, u_class, u_sq`` (‖∇log π(c|x_u)‖², so η·u_sq is the
-    first-order self-change), ``o_idx, o_class, acc`` (test accuracy of the trained model), ``d_true``/``pred_true`` (actual and first-order Δlog π(y_o|x_o)) and
-    ``d_c``/``pred_c`` (the same for log π(c|x_o)). First order: Δθ = η ∇log π(c|x_u), so
-    ``pred = η ⟨∇log π(·|x_o), ∇log π(c|x_u)⟩`` = ``-η A K G`` of seed 000; residual = d − pred.
+    Update examples: the first ``n_update_per_class`` of each class in the training split;
+    observed: the held-out split (``n_observe`` per class, all by default). One row per
+    (eta, u, o): ``u_idx, u_class, u_sq`` (‖∇log π(c|x_u)‖²; the step length is η·√u_sq),
+    ``o_idx, o_class, acc`` (held-out accuracy), ``d_true, pred_true, resid_true`` (actual,
+    first-order and residual Δlog π(y_o|x_o)) and ``d_c, pred_c, resid_c`` (the same for
+    log π(c|x_o)). First order: Δθ = η ∇log π(c|x_u), so ``pred = η ⟨∇log π(·|x_o), ∇log π(c|x_u)⟩``,
+    which is ``-η A K G`` of seed 000 with exact per-example gradients (``torch.func``).
     ``num_threads``: torch threads while it runs (restored after); ``None`` leaves them alone.
     """
     with _threads(num_threads):
@@ -283,7 +286,8 @@ def _run_digits(etas, n_update_per_class, n_observe, steps, hidden, seed) -> pd.
                 o_class=yte.numpy(), acc=acc,
                 d_true=d.gather(1, yte[:, None])[:, 0].numpy(), pred_true=(eta * K_true[:, j]).numpy(),
                 d_c=d[:, c].numpy(), pred_c=(eta * K_c[:, j]).numpy())))
-    return pd.concat(rows, ignore_index=True)
+    df = pd.concat(rows, ignore_index=True)
+    return df.assign(resid_true=df.d_true - df.pred_true, resid_c=df.d_c - df.pred_c)
 
 
 def digits_residuals(df: pd.DataFrame) -> pd.DataFrame:

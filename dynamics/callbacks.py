@@ -27,6 +27,7 @@ by an EOS token; the recorded log-probs are then those of the probe text as toke
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +69,7 @@ class DynamicsCallback(TrainerCallback):
         self.run = RunDir(out_dir)
         self.rec: Recorder | None = None
         self._summary: dict | None = None
+        self._t_step = self._t_rec = 0.0
 
     def attach(self, trainer) -> "DynamicsCallback":
         """Put this callback first in ``trainer``'s list, before the reporting integrations."""
@@ -91,14 +93,26 @@ class DynamicsCallback(TrainerCallback):
                                    training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
         self.rec = Recorder(model, probe, ref, self.run, cfg)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t_step, self._t_rec = time.perf_counter(), 0.0
+
     def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
         if self.rec is not None and state.global_step % self.every == 0:
+            t = time.perf_counter()
             lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
             self.rec.before_update(state.global_step, lr=lr)
+            self._t_rec += time.perf_counter() - t
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.rec is not None and self.rec.pending:
+            t = time.perf_counter()
             self._summary = self.rec.after_update()
+            self._t_rec += time.perf_counter() - t
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # step_s: the trainer's own step; record_s: the diagnostics inside it (overhead)
+        total = time.perf_counter() - self._t_step
+        self.run.append("steps", [dict(step=state.global_step, step_s=total - self._t_rec, record_s=self._t_rec)])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._summary and logs is not None:

@@ -11,6 +11,7 @@ Sub-commands::
     dynamics grads --model M ...         gradient inner products (sentence / token level)
     dynamics bench grads                 benchmark the gradient engines against DPO fwd+bwd
     dynamics predict-check               first-order predictions vs one real step (SGD, AdamW)
+    dynamics trl-dpo                     TRL DPOTrainer + the dynamics callback (SmolLM2, offline)
     dynamics plot RUN_DIR                regenerate a run's figures
 """
 from __future__ import annotations
@@ -277,6 +278,17 @@ def cmd_predict_check(args) -> int:
     return 0
 
 
+def cmd_trl_dpo(args) -> int:
+    from analyses.trl_dpo import run_trl_dpo
+
+    run_trl_dpo(args.out, model_name=args.model, data=args.data, style=args.style, steps=args.steps,
+                every=args.every, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                beta=args.beta, n_probe=args.n_probe, seed=args.seed)
+    for p in _plot_run(Path(args.out)):
+        print(f"wrote {p}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     for p in _plot_run(Path(args.run_dir)):
         print(f"wrote {p}")
@@ -366,6 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--out", default="runs/predict_check")
     p.set_defaults(func=cmd_predict_check)
+
+    p = sub.add_parser("trl-dpo", help="TRL DPOTrainer with the dynamics callback")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=None, help="tweets CSV or pairs file (default: built-in statements)")
+    p.add_argument("--style", default="long_suffix")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--n-probe", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/trl_dpo")
+    p.set_defaults(func=cmd_trl_dpo)
 
     p = sub.add_parser("plot", help="regenerate the figures of a run directory")
     p.add_argument("run_dir")

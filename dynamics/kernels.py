@@ -44,7 +44,7 @@ AKG_LOSSES = ("sft", "dpo")
 
 def logprob_kernel(model, seqs_a: Sequence[TokenizedSequence], seqs_b: Sequence[TokenizedSequence],
                    pad_id: int, *, params="all", impl: str = "ghost", chunk_size: int | None = None) -> Tensor:
-    """(Na, Nb) ``K[a, b] = ⟨∇_θ log π(y_a|x_a), ∇_θ log π(y_b|x_b)⟩``: probe responses × training responses.
+    """(Na, Nb) ``K[a, b] = ⟨∇_θ log π(y_a|x_a), ∇_θ log π(y_b|x_b)⟩``, e.g. probes × training responses.
 
     One `sentence_gram` over the concatenation ``seqs_a + seqs_b`` (any ``impl``), sliced to the
     off-diagonal block. ``η K[a, b]`` is the first-order change of ``log π(y_a|x_a)`` after an SGD
@@ -83,6 +83,7 @@ def _logit_jacobian(model, seq: TokenizedSequence, positions: Sequence[int], voc
     ids = _ids(model, seq)
     T, P = ids.shape[0], len(seq.prompt_ids)
     rows = torch.tensor([P + t - 1 for t in positions], device=ids.device)       # (n,)
+    vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long, device=ids.device)
     pos = torch.arange(T, device=ids.device)
 
     def z(theta):                                                                # -> (n·S,)
@@ -165,7 +166,8 @@ def akg_prediction(model, seq_o: TokenizedSequence, seq_u: TokenizedSequence, lr
                    chunk_size: int | None = None) -> dict:
     """Predicted change of each token log-prob of o after one SGD step of size ``lr`` on u.
 
-    ``loss="sft"``: ``L = -Σ_s log π(y_u^s)``. ``loss="dpo"``: ``∇L = -(d_w ∇log π(y_u⁺) - d_l ∇log π(y_u⁻))``
+    ``loss="sft"``: ``L = -Σ_s log π(y_u^s)``.
+    ``loss="dpo"``: ``∇L = -(d_w ∇log π(y_u⁺) - d_l ∇log π(y_u⁻))``
     with ``seq_u`` = y⁺ and ``seq_u_rejected`` = y⁻ (any margin loss, given its d_w, d_l).
     Full vocabulary, so the result is the exact first-order change (tested against flat
     gradients to 1e-10); memory ∝ (|y_o| + |y_u|)·V·P for the Jacobians and |y_o|·|y_u|·V² for K.
@@ -190,8 +192,7 @@ def akg_prediction(model, seq_o: TokenizedSequence, seq_u: TokenizedSequence, lr
     _check_context(model, [seq_o] + [s for _, s, _ in updates])
     Lo = len(seq_o.response_ids)
     z_o, j_o = _logit_jacobian(model, seq_o, range(Lo), None, params, chunk_size)   # (Lo, V)
-    pi_o, res_o = _residual(z_o, seq_o.response_ids)
-    a = -res_o                                                                   # (Lo, V) e_y - π
+    a = -_residual(z_o, seq_o.response_ids)[1]                                   # (Lo, V) e_y - π
     out = dict(A=a, A_norm=a.norm(dim=-1), tokens_o=seq_o.tokens)
     delta_z = torch.zeros_like(z_o)
     pred = torch.zeros(Lo, dtype=z_o.dtype, device=z_o.device)
@@ -206,7 +207,8 @@ def akg_prediction(model, seq_o: TokenizedSequence, seq_u: TokenizedSequence, lr
         delta_z = delta_z + sign * lr * KG.sum(1)
         pred = pred + contrib.sum(1)
         sfx = "" if loss == "sft" else f"_{side}"
-        out.update({f"K{sfx}": K, f"K{sfx}_norm": K.pow(2).sum(dim=(1, 3)).sqrt(), f"G{sfx}": G, f"G{sfx}_norm": G.norm(dim=-1),
+        out.update({f"K{sfx}": K, f"K{sfx}_norm": K.pow(2).sum(dim=(1, 3)).sqrt(),
+                    f"G{sfx}": G, f"G{sfx}_norm": G.norm(dim=-1),
                     f"contrib{sfx}": contrib, f"tokens_u{sfx}": seq.tokens})
     out.update(pred=pred, delta_z=delta_z)
     return out

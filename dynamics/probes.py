@@ -192,7 +192,7 @@ METRICS = {
     "argmax_logp": "Σ_t log π(y*_t | x, y_<t),  y*_t = argmax_v π(v | x, y_<t)",
     "argmax_log1m": "Σ_t log(1 - π(y*_t | x, y_<t))",
     "argmax_mass": "mean_t π(y*_t | x, y_<t)   (rises under squeezing)",
-    "a_norm": "mean_t ‖A_t‖₂ = mean_t √V ‖π_t‖₂,  A_t = I - 1π_tᵀ (an oblique projector: ‖A‖ = ‖1πᵀ‖)",
+    "a_norm": "mean_t ‖A_t‖₂ = mean_t √V ‖π_t‖₂,  A_t = I - 1π_tᵀ (A is a projector: ‖A‖=‖1πᵀ‖)",
     "g_norm": "mean_t ‖π_t - e_{y_t}‖₂   (the SFT residual G; also the norm of A's row for y_t)",
     "one_minus_p": "mean_t (1 - π(y_t | x, y_<t))",
     "entropy": "mean_t H(π_t) = -mean_t Σ_v π_t(v) log π_t(v)   (falls under squeezing)",

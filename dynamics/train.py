@@ -244,6 +244,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress, initial=start,
                      total=cfg.steps):
         idx = next(batches)
+        t_step = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for lo_i in range(0, len(idx), micro):
@@ -259,16 +260,22 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
             loss = lo.loss.sum() / len(idx)  # mean over the whole optimizer batch
             loss.backward()
             total += loss.item()
-        record = step % cfg.eval_every == 0
+        record, t_rec = step % cfg.eval_every == 0, 0.0
         if record:
+            t = time.perf_counter()
             try:
                 rec.before_update(step)
             except ValueError as e:
                 raise ValueError(f"step {step}: probe pairs: {e}") from e
+            t_rec += time.perf_counter() - t
         opt.step()
         if record:
+            t = time.perf_counter()
             rec.after_update()
-        run.append("train", [dict(step=step + 1, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0)])
+            t_rec += time.perf_counter() - t
+        # step_s: forward, backward and optimizer step; record_s: the diagnostics around it
+        run.append("train", [dict(step=step + 1, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0,
+                                  step_s=time.perf_counter() - t_step - t_rec, record_s=t_rec)])
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             _save_checkpoint(ckpt, model, opt, step + 1)
     rec.final(cfg.steps)

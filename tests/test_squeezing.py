@@ -9,6 +9,15 @@ import torch
 from analyses import squeezing as sq
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: extra intra-op threads only contend (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def toy():
     df = sq.run_toy(V_list=(50, 1000), eta=2.0)
@@ -117,8 +126,7 @@ def test_digits_first_order_prediction(digits):
 def test_per_example_grads_match_autograd_loop():
     """The kernel behind pred = η⟨∇log π(y_o|x_o), ∇log π(c|x_u)⟩ uses vmapped per-example grads."""
     Xtr, ytr, Xte, yte = sq.load_digits_split()
-    with sq._threads(1):
-        model = sq.train_digits(Xtr, ytr)
+    model = sq.train_digits(Xtr, ytr)
     params = {k: v.detach() for k, v in model.named_parameters()}
     G = sq._flat_grads(model, params, Xte[:3], yte[:3])
     for i in range(3):                      # vmapped per-example grads equal plain autograd

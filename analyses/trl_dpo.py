@@ -1,0 +1,42 @@
+"""A DPO run with TRL's ``DPOTrainer`` instrumented by `dynamics.callbacks.DynamicsCallback`.
+
+The offline SmolLM2-135M (or any model `dynamics.models.load_model` knows) on sentiment pairs
+(built-in statements, or the tweets CSV), reference = a frozen copy of the initial policy,
+AdamW at the paper's learning rate. Writes the callback's run directory to ``out``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+
+def run_trl_dpo(out: str | Path, *, model_name: str = "smollm2-135m", data: str | None = None,
+                style: str = "long_suffix", steps: int = 60, every: int = 10, batch_size: int = 4,
+                grad_accum: int = 1, lr: float = 5e-6, beta: float = 0.1, n_probe: int = 8, seed: int = 0,
+                report_to: list[str] | None = None):
+    """Train ``steps`` DPO steps with TRL and record every ``every`` steps; returns the trainer."""
+    from datasets import Dataset
+    try:
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as e:
+        raise ImportError("TRL is not installed: pip install -e '.[trl]'") from e
+
+    from dynamics import data as data_mod
+    from dynamics.callbacks import DynamicsCallback
+    from dynamics.models import load_model
+
+    out = Path(out)
+    model, tok = load_model(model_name)
+    pairs = data_mod.sentiment_pairs(data, style, seed=seed)
+    train, probe = data_mod.split_pairs(pairs, n_eval=n_probe, seed=seed)
+    ds = Dataset.from_dict({"prompt": [p.prompt for p in train], "chosen": [p.chosen for p in train],
+                            "rejected": [p.rejected for p in train]})
+    args = DPOConfig(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size,
+                     gradient_accumulation_steps=grad_accum, max_steps=steps, learning_rate=lr, beta=beta,
+                     logging_steps=every, report_to=report_to or [], save_strategy="no", use_cpu=True,
+                     gradient_checkpointing=False, seed=seed, lr_scheduler_type="constant")
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=ds,
+                         processing_class=tok)
+    DynamicsCallback(probe, out, every=every, loss="dpo", loss_params={"beta": beta}).attach(trainer)
+    trainer.train()
+    return trainer
