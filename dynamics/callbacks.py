@@ -52,19 +52,22 @@ class DynamicsCallback(TrainerCallback):
         every: record at optimizer steps 0, every, 2·every, …
         loss, loss_params: the loss whose ``d_w, d_l`` apply (a name in ``LOSSES``; TRL's
             ``loss_type="sigmoid"`` is ``"dpo"`` with its ``beta``).
-        params, impl, whatif, token_pairs: see `RecorderConfig`.
+        params, impl, whatif, token_pairs, probes: see `RecorderConfig`.
+        others: training pairs whose responses serve as "other prompt" probes (default: the probes).
         ref: precomputed reference log-probs of the probe pairs (else computed at train begin).
         max_length: tokenization limit (prompt cut from the left).
     """
 
     def __init__(self, probe_pairs: Sequence, out_dir: str | Path, *, every: int = 10, loss: str = "dpo",
                  loss_params: dict | None = None, params="trainable", impl: str = "ghost", whatif: bool = True,
-                 token_pairs: int = 1, ref: pd.DataFrame | None = None, max_length: int | None = None):
+                 token_pairs: int = 1, ref: pd.DataFrame | None = None, max_length: int | None = None,
+                 probes: bool = False, others: Sequence | None = None):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.pairs, self.every, self.ref, self.max_length = list(probe_pairs), every, ref, max_length
+        self.others = list(others) if others is not None else None
         self.cfg_kwargs = dict(loss=loss, loss_params=dict(loss_params or {}), params=params, impl=impl,
-                               whatif=whatif, token_pairs=token_pairs)
+                               whatif=whatif, token_pairs=token_pairs, probes=probes)
         RecorderConfig(**self.cfg_kwargs)  # validate now, not at train begin
         self.run = RunDir(out_dir)
         self.rec: Recorder | None = None
@@ -91,7 +94,11 @@ class DynamicsCallback(TrainerCallback):
         cfg = RecorderConfig(lr=args.learning_rate, **self.cfg_kwargs)
         self.run.write_config(dict(recorder=cfg, every=self.every, trainer=type(args).__name__,
                                    training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
-        self.rec = Recorder(model, probe, ref, self.run, cfg)
+        sets = None
+        if cfg.probes:
+            from dynamics.train import build_probe_sets
+            sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
+        self.rec = Recorder(model, probe, ref, self.run, cfg, tokenizer=tok, probe_sets=sets)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t_step, self._t_rec = time.perf_counter(), 0.0

@@ -12,6 +12,7 @@ Sub-commands::
     dynamics bench grads                 benchmark the gradient engines against DPO fwd+bwd
     dynamics predict-check               first-order predictions vs one real step (SGD, AdamW)
     dynamics trl-dpo                     TRL DPOTrainer + the dynamics callback (SmolLM2, offline)
+    dynamics reproduce squeezing         toy softmax, digits and SmolLM2 squeezing-effect figures
     dynamics plot RUN_DIR                regenerate a run's figures
 """
 from __future__ import annotations
@@ -289,6 +290,17 @@ def cmd_trl_dpo(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from analyses.learning_dynamics import reproduce_squeezing
+
+    t0 = time.time()
+    paths = reproduce_squeezing(args.out, quick=args.quick, llm=not args.no_llm)
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"{time.time() - t0:.0f} s")
+    return 0
+
+
 def cmd_plot(args) -> int:
     for p in _plot_run(Path(args.run_dir)):
         print(f"wrote {p}")
@@ -393,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/trl_dpo")
     p.set_defaults(func=cmd_trl_dpo)
+
+    p = sub.add_parser("reproduce", help="reproduce a paper experiment: squeezing")
+    p.add_argument("what", choices=["squeezing"])
+    p.add_argument("--quick", action="store_true", help="small settings (minutes)")
+    p.add_argument("--no-llm", action="store_true", help="toy and digits only (seconds)")
+    p.add_argument("--out", default="figures/squeezing")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("plot", help="regenerate the figures of a run directory")
     p.add_argument("run_dir")

@@ -53,6 +53,7 @@ class RecorderConfig:
     whatif: bool = field(default=True, metadata={"help": "record the what-if table over the loss zoo"})
     token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
     token_chunk: int | None = field(default=8, metadata={"help": "token vjps per batched backward"})
+    probes: bool = field(default=False, metadata={"help": "record the learning-dynamics probe metrics"})
 
     def __post_init__(self):
         self.loss_params = resolve_hyper(self.loss, self.loss_params)
@@ -79,8 +80,12 @@ class Recorder:
     ``ref_w, ref_l``, e.g. from `dynamics.logprobs.reference_logprobs`).
     """
 
-    def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig):
+    def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig,
+                 *, tokenizer=None, probe_sets: dict | None = None):
         self.model, self.probe, self.run, self.cfg = model, probe, run, cfg
+        if cfg.probes and (tokenizer is None or not probe_sets):
+            raise ValueError("probes=True needs the tokenizer and probe_sets {pair_id: [Probe, ...]}")
+        self.tokenizer, self.probe_sets = tokenizer, probe_sets or {}
         self.params = select_params(model, cfg.params) if not isinstance(cfg.params, dict) else cfg.params
         self.ref_w = torch.tensor(ref["ref_w"].to_numpy())
         self.ref_l = torch.tensor(ref["ref_l"].to_numpy())
@@ -121,6 +126,19 @@ class Recorder:
             wi.insert(0, "step", step)
             self._pending["whatif"] = wi
         self._pending["token"] = [self._token(step, k, lo, lr) for k in range(min(cfg.token_pairs, len(self.probe)))]
+        self._pending["probes"] = self._probe_rows(step)
+
+    def _probe_rows(self, step: int) -> list[dict]:
+        """Learning-dynamics probe metrics (`dynamics.probes.METRICS`) of every probe set."""
+        if not self.cfg.probes:
+            return []
+        from dynamics.probes import probe_metrics
+        rows = []
+        for pid, probes in self.probe_sets.items():
+            for r in probe_metrics(self.model, self.tokenizer, None, probes):
+                rows.append(dict(step=step, pair_id=pid, probe=r.pop("name"),
+                                 **{k: v for k, v in r.items() if k not in ("prompt", "response")}))
+        return rows
 
     def _token(self, step: int, k: int, lo, lr: float) -> list[dict]:
         """Token Grams of probe pair k and the Theorem 3 decomposition of the predicted change."""
@@ -164,6 +182,8 @@ class Recorder:
         tok_rows = [r for rows_k in p["token"] for r in rows_k]
         if tok_rows:
             self.run.append("token_decomp", tok_rows)
+        if p["probes"]:
+            self.run.append("probes", p["probes"])
         df = pd.DataFrame(rows)
         return {"dyn/cos_wl": float(df.cos_wl.mean()), "dyn/logp_w": float(df.logp_w.mean()),
                 "dyn/logp_l": float(df.logp_l.mean()), "dyn/act_dw": float(df.act_dw.mean()),
@@ -178,6 +198,8 @@ class Recorder:
         lo = compute_loss(cfg.loss, st["lw"], st["ll"], self.ref_w.double(), self.ref_l.double(), st["nw"],
                           st["nl"], **cfg.loss_params)
         self.run.append("records", self._rows(dict(step=step, lr=cfg.lr, st=st, lo=lo, ip=None, pred=None)))
+        if cfg.probes:
+            self.run.append("probes", self._probe_rows(step))
 
     def _rows(self, p: dict, **changes) -> list[dict]:
         st, lo = p["st"], p["lo"]

@@ -58,6 +58,7 @@ class TrainConfig:
     impl: str = field(default="ghost", metadata={"help": "gradient engine for the diagnostics: ghost, func, autograd"})
     whatif: bool = field(default=True, metadata={"help": "record the what-if table over the loss zoo"})
     token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
+    probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every this many steps (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint"})
@@ -177,6 +178,21 @@ def _load_checkpoint(path: Path, model, opt) -> int:
     return int(state["step"])
 
 
+def build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed: int) -> dict:
+    """{pair_id: probes} for every probe pair (seed 000's set): y⁺, y⁻, another prompt's y⁺, a
+    held-out prompt's y⁺ (the next probe pair), shuffled y⁺, shuffled other response, and the
+    model-made y* (argmax under teacher forcing on y⁺) and greedy decode, made from the model
+    as it is now (the reference) and kept fixed."""
+    from dynamics.probes import model_probes, probe_set
+
+    sets = {}
+    for k, pair in enumerate(probe_pairs):
+        held = probe_pairs[(k + 1) % len(probe_pairs)] if len(probe_pairs) > 1 else None
+        sets[str(pair.id)] = list(probe_set(pair, others=train_pairs, held_out=held, seed=seed)) + \
+            list(model_probes(model, tokenizer, pair, max_new_tokens=16))
+    return sets
+
+
 def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     """Run ``cfg`` end to end and return its run directory.
 
@@ -230,12 +246,13 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     start = 0
     if cfg.resume:
         start = _load_checkpoint(ckpt, model, opt)
-        for table in ("records", "whatif", "token_decomp"):  # rows of steps >= start are redone
+        for table in ("records", "whatif", "token_decomp", "probes"):  # rows of steps >= start are redone
             run.truncate_after(table, start - 1)
         run.truncate_after("train", start)
     rec = Recorder(model, probe_tp, ref_probe, run, RecorderConfig(
         loss=cfg.loss, loss_params=cfg.loss_params, lr=cfg.lr, impl=cfg.impl, whatif=cfg.whatif,
-        token_pairs=cfg.token_pairs))
+        token_pairs=cfg.token_pairs, probes=cfg.probes), tokenizer=tokenizer,
+        probe_sets=build_probe_sets(model, tokenizer, probe_pairs, train_pairs, cfg.seed) if cfg.probes else None)
     batches = _batches(len(train_tp), cfg.batch_size, cfg.seed)
     for _ in range(start):  # the same batch sequence as an uninterrupted run
         next(batches)

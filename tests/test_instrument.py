@@ -161,3 +161,22 @@ def test_cli_predict_check(tmp_path, capsys):
     err = ((sgd.pred_dw - sgd.act_dw).abs() / sgd.act_dw.abs()).groupby(sgd.lr).median()
     assert err[1e-4] < 1e-3 and err[1e-4] < err[1e-3]
     assert "real update" in capsys.readouterr().out
+
+
+def test_probes_recorded_and_plotted(tmp_path):
+    from analyses.learning_dynamics import plot_probe_curves, run_llm_squeezing, squeezing_summary
+
+    run = run_llm_squeezing(tmp_path / "sq", quick=True, model="tiny-llama")
+    probes = read_table(run.path, "probes")
+    names = set(probes.probe)
+    assert {"chosen", "rejected", "argmax_teacher", "other_chosen", "held_out_chosen", "chosen_shuffled",
+            "other_shuffled"} <= names
+    assert sorted(probes.step.unique()) == [0, 4, 8, 12, 16, 20, 24]
+    assert probes[["logp", "argmax_mass", "entropy"]].notna().all().all()
+    # y* is the per-token argmax under teacher forcing on y+: Σ log π(y*_t) ≥ Σ log π(y+_t)
+    ch = probes[probes.probe == "chosen"]
+    assert (ch.argmax_logp >= ch.logp - 1e-9).all() and (ch.argmax_logp > ch.logp + 1e-6).any()
+    s = squeezing_summary(probes)
+    assert set(s.probe) == names and s.notna().all().all()
+    fig = plot_probe_curves(probes)
+    assert len(fig.axes) == 3
