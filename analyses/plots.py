@@ -123,3 +123,48 @@ def plot_dynamics_panel(records: pd.DataFrame, title: str | None = None):
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_fig3(records: pd.DataFrame, axes=None, *, styles: tuple[str, ...] | None = None):
+    """Seed 004 Fig. 3: one panel per response style, chosen and rejected log-probs over steps.
+
+    ``records``: rows with ``style``, ``step``, ``logp_w``, ``logp_l`` (mean ± s.e.m. over pairs).
+    ``axes``: one Axes per style (default: a new row of panels). Returns the Figure.
+    """
+    order = ("single_token", "short_suffix", "long_suffix")
+    present = list(dict.fromkeys(records["style"]))
+    styles = list(styles) if styles else [s for s in order if s in present] + [s for s in present if s not in order]
+    with plt.rc_context(STYLE):
+        if axes is None:
+            fig, axes = plt.subplots(1, len(styles), figsize=(2.4 * len(styles), 2.4), squeeze=False)
+            axes = axes[0]
+        fig = axes[0].figure
+        for i, (style, ax) in enumerate(zip(styles, axes)):
+            plot_logprobs(records[records["style"] == style], ax, title=style.replace("_", " "))
+            if i:
+                ax.get_legend().remove()
+                ax.set_ylabel("")
+        fig.tight_layout()
+    return fig
+
+
+def plot_token_heatmap(cos, tokens_w, tokens_l, ax=None, *, title: str | None = None):
+    """Seed 004 Fig. 4b: token-wise gradient cosine ``cos[t, s]`` between chosen token t (rows)
+    and rejected token s (columns), diverging colormap centred at 0 on [-1, 1], with a colorbar."""
+    import numpy as np
+
+    cos = np.asarray(cos, dtype=float)
+    if cos.shape != (len(tokens_w), len(tokens_l)):
+        raise ValueError(f"cos has shape {cos.shape}, tokens give ({len(tokens_w)}, {len(tokens_l)})")
+    with plt.rc_context(STYLE):
+        fig, ax = _axes(ax, size=(0.3 * len(tokens_l) + 1.6, 0.3 * len(tokens_w) + 1.0))
+        im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(tokens_l)), [str(t) for t in tokens_l], rotation=90)
+        ax.set_yticks(range(len(tokens_w)), [str(t) for t in tokens_w])
+        ax.set_xlabel(r"rejected $y_l$ tokens")
+        ax.set_ylabel(r"chosen $y_w$ tokens")
+        ax.spines[["top", "right"]].set_visible(True)
+        fig.colorbar(im, ax=ax, label="gradient cosine")
+        if title:
+            ax.set_title(title)
+    return fig

@@ -13,7 +13,8 @@ Sub-commands::
     dynamics predict-check               first-order predictions vs one real step (SGD, AdamW)
     dynamics trl-dpo                     TRL DPOTrainer + the dynamics callback (SmolLM2, offline)
     dynamics reproduce squeezing         toy softmax, digits and SmolLM2 squeezing-effect figures
-    dynamics plot RUN_DIR                regenerate a run's figures
+    dynamics reproduce sentiment         seed 004 Figs. 3, 4a, 4b: three response styles, SFT + DPO
+    dynamics plot RUN_DIR [--figure F]   regenerate a run's figures (or one: logprobs, dynamics, fig3, ...)
 """
 from __future__ import annotations
 
@@ -291,18 +292,50 @@ def cmd_trl_dpo(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    if args.what == "sentiment":
+        return cmd_reproduce_sentiment(args)
     from analyses.learning_dynamics import reproduce_squeezing
 
     t0 = time.time()
-    paths = reproduce_squeezing(args.out, quick=args.quick, llm=not args.no_llm)
+    paths = reproduce_squeezing(args.out or "figures/squeezing", quick=args.quick, llm=not args.no_llm)
     for p in paths:
         print(f"wrote {p}")
     print(f"{time.time() - t0:.0f} s")
     return 0
 
 
+def cmd_reproduce_sentiment(args) -> int:
+    from analyses.sentiment import claims, claims_markdown, run_sentiment, write_figures
+
+    t0 = time.time()
+    out = args.out or "runs/sentiment"
+    run_sentiment(out, quick=args.quick)
+    for p in write_figures(out, args.figures):
+        print(f"wrote {p}")
+    print(claims_markdown(claims(out)))
+    print(f"{time.time() - t0:.0f} s")
+    return 0
+
+
+PLOT_FIGURES = ("logprobs", "dynamics", "fig3", "fig4a", "fig4b")
+
+
 def cmd_plot(args) -> int:
-    for p in _plot_run(Path(args.run_dir)):
+    run_dir = Path(args.run_dir)
+    if args.figure is None:
+        paths = _plot_run(run_dir)
+    elif args.figure in ("fig3", "fig4a", "fig4b"):
+        from analyses.sentiment import make_figure, save_with_config
+
+        paths = save_with_config(make_figure(run_dir, args.figure), run_dir / args.figure, run_dir)
+    else:
+        from analyses.plots import plot_dynamics_panel, plot_logprobs, save_figure
+        from dynamics.record import read_table
+
+        records = read_table(run_dir, "records")
+        fig = plot_logprobs(records) if args.figure == "logprobs" else plot_dynamics_panel(records)
+        paths = save_figure(fig, run_dir / args.figure)
+    for p in paths:
         print(f"wrote {p}")
     return 0
 
@@ -406,15 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/trl_dpo")
     p.set_defaults(func=cmd_trl_dpo)
 
-    p = sub.add_parser("reproduce", help="reproduce a paper experiment: squeezing")
-    p.add_argument("what", choices=["squeezing"])
+    p = sub.add_parser("reproduce", help="reproduce a paper experiment: squeezing, sentiment")
+    p.add_argument("what", choices=["squeezing", "sentiment"])
     p.add_argument("--quick", action="store_true", help="small settings (minutes)")
-    p.add_argument("--no-llm", action="store_true", help="toy and digits only (seconds)")
-    p.add_argument("--out", default="figures/squeezing")
+    p.add_argument("--no-llm", action="store_true", help="squeezing: toy and digits only (seconds)")
+    p.add_argument("--out", default=None, help="squeezing: figures/squeezing; sentiment: runs/sentiment (runs)")
+    p.add_argument("--figures", default="figures/sentiment", help="sentiment: figure directory")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("plot", help="regenerate the figures of a run directory")
     p.add_argument("run_dir")
+    p.add_argument("--figure", choices=PLOT_FIGURES, default=None,
+                   help="one figure (fig3/fig4a: the combined `reproduce sentiment` output dir; fig4b: it or a run "
+                        "dir with token_grams); default: the run's logprobs and dynamics figures")
     p.set_defaults(func=cmd_plot)
     return parser
 

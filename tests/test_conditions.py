@@ -21,6 +21,8 @@ from dynamics.logprobs import pair_logprobs, sequence_logprobs, tokenize_pairs
 from dynamics.losses import LOSSES, compute_loss
 from dynamics.models import tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("float64_exact")
+
 TOL = 1e-10
 PAIRS = [("The movie was wonderful.", " It has a positive sentiment.", " It has a negative sentiment."),
          ("I hate waiting", " in long lines at the airport", " at the beach"),
@@ -28,33 +30,6 @@ PAIRS = [("The movie was wonderful.", " It has a positive sentiment.", " It has 
 
 
 # ------------------------------------------------------------------ float64-faithful Llama
-
-def _eager_attention64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = llama_mod.repeat_kv(key, n_rep), llama_mod.repeat_kv(value, n_rep)
-    w = query @ key.transpose(2, 3) * scaling                                    # (B, H, T, T)
-    if attention_mask is not None:
-        w = w + attention_mask[..., : key.shape[-2]]
-    w = torch.softmax(w, dim=-1)
-    return (w @ value).transpose(1, 2).contiguous(), w
-
-
-def _rotary64(self, x, position_ids):
-    freqs = position_ids[..., None].to(self.inv_freq.dtype) * self.inv_freq     # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-
-def _rmsnorm64(self, h):
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-@pytest.fixture(autouse=True)
-def float64_exact(monkeypatch):
-    monkeypatch.setattr(llama_mod, "eager_attention_forward", _eager_attention64)
-    monkeypatch.setattr(llama_mod.LlamaRotaryEmbedding, "forward", _rotary64)
-    monkeypatch.setattr(llama_mod.LlamaRMSNorm, "forward", _rmsnorm64)
-
 
 @pytest.fixture(scope="module")
 def pairs():

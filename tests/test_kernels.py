@@ -16,41 +16,13 @@ from dynamics.kernels import akg_prediction, akg_residual, logit_ntk, logprob_ke
 from dynamics.logprobs import TokenizedSequence, body_and_head
 from dynamics.models import TINY_ARCHS, tiny_model
 
+pytestmark = pytest.mark.usefixtures("float64_exact")
+
 TOL = 1e-10
 V = 48  # a small vocabulary keeps the full-vocabulary Jacobians (|y|·V·P) small
 
 
 # ------------------------------------------------------------------ float64-faithful transformers
-
-def _eager_attention64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """transformers' eager attention with the softmax in the input dtype (not float32)."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = llama_mod.repeat_kv(key, n_rep), llama_mod.repeat_kv(value, n_rep)
-    w = query @ key.transpose(2, 3) * scaling                                    # (B, H, T, T)
-    if attention_mask is not None:
-        w = w + attention_mask[..., : key.shape[-2]]
-    w = torch.softmax(w, dim=-1)
-    return (w @ value).transpose(1, 2).contiguous(), w
-
-
-def _rotary64(self, x, position_ids):
-    freqs = position_ids[..., None].to(self.inv_freq.dtype) * self.inv_freq     # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-
-def _rmsnorm64(self, h):
-    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-@pytest.fixture(autouse=True)
-def float64_exact(monkeypatch):
-    for mod in (llama_mod, neox_mod):
-        monkeypatch.setattr(mod, "eager_attention_forward", _eager_attention64)
-    monkeypatch.setattr(llama_mod.LlamaRotaryEmbedding, "forward", _rotary64)
-    monkeypatch.setattr(neox_mod.GPTNeoXRotaryEmbedding, "forward", _rotary64)
-    monkeypatch.setattr(llama_mod.LlamaRMSNorm, "forward", _rmsnorm64)
-
 
 # ------------------------------------------------------------------ helpers
 
