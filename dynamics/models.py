@@ -188,6 +188,13 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        if "gguf_file" in kwargs:
+            # The GGUF weights are de-quantized to `dtype` at load: the model is a plain float
+            # model, but transformers keeps a GGUF "quantizer" marker that makes Trainer refuse
+            # to fine-tune it. Drop the marker.
+            model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
     model = model.to(device)
     model.train(train)
     return model, tok
