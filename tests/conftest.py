@@ -13,6 +13,16 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: extra intra-op threads only contend (restored afterwards)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """``../shared/data`` or skip the test when it is absent."""

@@ -11,6 +11,8 @@ from dynamics.logprobs import (cached_reference_logprobs, pair_logprobs, referen
                                sequence_logprobs, tokenize_pairs, tokenize_response)
 from dynamics.models import TINY_ARCHS, tiny_model, tiny_tokenizer
 
+from toys import Bigram, CharTok
+
 
 def P(i, prompt, chosen, rejected):
     return SimpleNamespace(id=str(i), prompt=prompt, chosen=chosen, rejected=rejected)
@@ -85,30 +87,6 @@ def test_gradients_flow_and_match_loop(tok):
     g_loop = torch.autograd.grad(one - zero, list(model.parameters()))
     for a, b in zip(g_batch, g_loop):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-class Bigram(torch.nn.Module):
-    """A 3-token causal LM whose next-token logits depend only on the current token."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = torch.nn.Parameter(torch.tensor(table, dtype=torch.float64))  # (3, 3)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-class CharTok:
-    """Tokenizer for the 3-token vocabulary {a, b, c}; pad id 0."""
-    pad_token_id = 0
-    eos_token_id = None
-    vocab = "abc"
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [self.vocab.index(ch) for ch in text]}
-
-    def decode(self, ids):
-        return "".join(self.vocab[i] for i in ids)
 
 
 def test_hand_checked_three_token_vocabulary():

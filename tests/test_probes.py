@@ -13,6 +13,8 @@ from dynamics.logprobs import sequence_logprobs, tokenize_response
 from dynamics.models import tiny_model, tiny_tokenizer
 from dynamics.probes import METRICS, Probe, model_probes, probe_metrics, probe_set
 
+from toys import Bigram, CharTok
+
 PAIR = PreferencePair("p0", "The movie was", " wonderful and I loved every minute.", " terrible and cold.")
 OTHERS = [PreferencePair("p1", "I hate", " waiting in long lines at the airport", " the beach"),
           PreferencePair("p2", "TL;DR:", " friend ignores me", " I feel bad")]
@@ -54,32 +56,6 @@ def test_missing_and_invalid_inputs():
 
 
 # ------------------------------------------------------------------ hand-checked metrics
-
-class Bigram(torch.nn.Module):
-    """A 3-token causal LM whose next-token logits depend only on the current token."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = torch.nn.Parameter(torch.tensor(table, dtype=torch.float64))  # (3, 3)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-class CharTok:
-    """Tokenizer for the 3-token vocabulary {a, b, c}; pad id 0; ``eos`` optional."""
-    pad_token_id = 0
-    vocab = "abc"
-
-    def __init__(self, eos=None):
-        self.eos_token_id = eos
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [self.vocab.index(ch) for ch in text]}
-
-    def decode(self, ids):
-        return "".join(self.vocab[i] for i in ids)
-
 
 TABLE = [[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [math.log(3), 0.0, math.log(2)]]
 

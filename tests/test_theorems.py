@@ -32,13 +32,7 @@ BETA = 0.1
 D = BETA / 2            # d_w = d_l = β σ(0) at the first step (reference = current model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only contend (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dpo_loss(lw, ll, rw, rl, beta=BETA):

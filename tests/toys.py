@@ -1,0 +1,30 @@
+"""Hand-checkable stand-ins shared by tests: a 3-token bigram LM and its tokenizer."""
+from types import SimpleNamespace
+
+import torch
+
+
+class Bigram(torch.nn.Module):
+    """A 3-token causal LM whose next-token logits depend only on the current token."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(table, dtype=torch.float64))  # (3, 3)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+class CharTok:
+    """Tokenizer for the 3-token vocabulary {a, b, c}; pad id 0; ``eos`` optional."""
+    pad_token_id = 0
+    vocab = "abc"
+
+    def __init__(self, eos=None):
+        self.eos_token_id = eos
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab.index(ch) for ch in text]}
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
