@@ -81,7 +81,7 @@ def plot_cosine(records: pd.DataFrame, ax=None, *, by: str | None = None, title:
         groups = [(None, df)] if by is None else list(df.groupby(by, sort=False))
         for i, (name, g) in enumerate(groups):
             color = CHOSEN if by is None else plt.get_cmap("tab10")(i)
-            _band(ax, g, "cos_wl", color, str(name) if name is not None else "cos")
+            _band(ax, g, "cos_wl", color, str(name).replace("_", " ") if name is not None else "cos")
         ax.axhline(0, color="0.6", lw=0.6)
         ax.set_xlabel("step")
         ax.set_ylabel(r"$\cos(\nabla\log\pi_w, \nabla\log\pi_l)$")

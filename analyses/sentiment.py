@@ -23,6 +23,7 @@ from dynamics.record import RunDir, read_table, to_jsonable
 ROOT = Path(__file__).resolve().parents[1]
 STYLE_ORDER = ("single_token", "short_suffix", "long_suffix")
 BUILTIN = "builtin"  # `data=BUILTIN`: the built-in statements even when the tweets CSV is present
+AUTO = "auto"
 SHARED_COS_MIN = 0.5  # claim 4: "high positive" cosine of the shared tokens means above this
 
 # Per style. quick: the 3 styles in ~12 min on SmolLM2-135M, 2 CPU cores. lr: seed 004 (AdamW 5e-6).
@@ -46,14 +47,29 @@ def resolve_data(data: str | Path | None) -> str | None:
     return str(tweets) if tweets is not None else None
 
 
+def resolve_eval_data(data: str | None, eval_data: str | Path | None = AUTO) -> str | None:
+    """Where the evaluation (probe) pairs come from: ``eval_data`` if given; for ``"auto"``, the
+    ``test.csv`` beside a tweets ``train.csv`` when present; else None (split off the training data)."""
+    if eval_data != AUTO:
+        return None if eval_data is None else str(eval_data)
+    if data is not None and Path(data).name == "train.csv":
+        test = Path(data).with_name("test.csv")
+        if test.is_file():
+            return str(test)
+    return None
+
+
 def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-135m",
-                  styles: tuple[str, ...] = STYLE_ORDER, data: str | Path | None = None, loss: str = "dpo",
-                  seed: int = 0, overrides: dict | None = None, progress: bool = True) -> dict[str, RunDir]:
+                  styles: tuple[str, ...] = STYLE_ORDER, data: str | Path | None = None,
+                  eval_data: str | Path | None = AUTO, loss: str = "dpo", seed: int = 0,
+                  overrides: dict | None = None, progress: bool = True) -> dict[str, RunDir]:
     """SFT then ``loss`` for each style into ``out/<style>/``; returns {style: RunDir}.
 
     ``overrides``: `TrainConfig` fields replacing the quick/full settings (tests use tiny ones).
     ``data``: a tweets CSV or pairs file; None: the shared tweets CSV when present, else the
     built-in statements; ``"builtin"``: always the built-in statements.
+    ``eval_data``: file of the held-out evaluation pairs; ``"auto"``: the tweets ``test.csv``
+    beside ``train.csv`` when present, else ``n_probe`` pairs split off the training data.
     """
     from dynamics.data import STYLES
     from dynamics.train import TrainConfig, train
@@ -63,12 +79,14 @@ def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-
         raise ValueError(f"unknown style(s) {unknown}; known: {', '.join(STYLES)}")
     out = Path(out)
     settings = {**SETTINGS["quick" if quick else "full"], **COMMON, **(overrides or {})}
+    data = resolve_data(data)
     config = dict(experiment="seed 004, section 4.2 (sentiment)", quick=quick, model=model, styles=list(styles),
-                  data=resolve_data(data), loss=loss, seed=seed, settings=settings)
+                  data=data, eval_data=resolve_eval_data(data, eval_data), loss=loss, seed=seed, settings=settings)
     RunDir(out).write_config(config)
     runs, frames = {}, []
     for style in styles:
-        cfg = TrainConfig(out=str(out / style), model=model, data=config["data"], data_kind="sentiment",
+        cfg = TrainConfig(out=str(out / style), model=model, data=data, eval_data=config["eval_data"],
+                          data_kind="sentiment",
                           style=style, loss=loss, seed=seed, progress=progress, **settings)
         runs[style] = train(cfg)
         frames.append(read_table(runs[style].path, "records").assign(style=style))
@@ -128,15 +146,29 @@ def _first_last(records: pd.DataFrame, col: str) -> dict:
                 first_step=int(per_step.index[0]), last_step=int(per_step.index[-1]))
 
 
+def _per_pair_change(records: pd.DataFrame, col: str) -> pd.Series:
+    """``col`` at the last recorded step minus at the first, per pair (pairs present at both)."""
+    df = records.dropna(subset=[col])
+    first, last = df["step"].min(), df["step"].max()
+    at = lambda s: df[df["step"] == s].set_index("pair_id")[col]
+    return (at(last) - at(first)).dropna()
+
+
 def claims(out: str | Path) -> dict:
-    """The four claims of seed 004 section 4.2, each {claim, held, numbers}, from ``out``'s files."""
+    """The four claims of seed 004 section 4.2, each {claim, held, numbers}, from ``out``'s files.
+
+    Claims 1 and 2 are judged on the mean over evaluation pairs (what Fig. 3 draws); the numbers
+    also give the per-pair median change and the fraction of pairs whose chosen log-prob fell,
+    since a few pairs with large drops can move the mean against most pairs."""
     out = Path(out)
     rec = read_table(out, "records")
     styles = [s for s in STYLE_ORDER if s in set(rec["style"])]
     by = {s: rec[rec["style"] == s] for s in styles}
     lp = {s: _first_last(by[s], "logp_w") for s in styles}
-    for v in lp.values():
+    for s, v in lp.items():
         v["change"] = v["last"] - v["first"]
+        d = _per_pair_change(by[s], "logp_w")
+        v.update(median_pair_change=float(d.median()), frac_pairs_fell=float((d < 0).mean()), n_pairs=len(d))
     res = {}
 
     rises = {s: lp[s]["change"] > 0 for s in styles}
@@ -182,7 +214,9 @@ def claims_markdown(cl: dict) -> str:
         if name == "chosen_rises_only_single_token":
             for s, v in nums.items():
                 lines.append(f"  - {s}: chosen log-prob {v['first']:.3f} (step {v['first_step']}) → "
-                             f"{v['last']:.3f} (step {v['last_step']}), change {v['change']:+.3f}")
+                             f"{v['last']:.3f} (step {v['last_step']}), change {v['change']:+.3f}; per pair: "
+                             f"median change {v['median_pair_change']:+.3f}, fell for "
+                             f"{v['frac_pairs_fell']:.0%} of {v['n_pairs']} pairs")
         elif name == "long_suffix_falls_more":
             lines.append("  - drop of the chosen log-prob: " + ", ".join(f"{s} {v:+.3f}" for s, v in nums["drop"].items()))
         elif name == "cosine_grows_with_suffix":

@@ -20,9 +20,10 @@ disabled), unless given as ``ref`` (a DataFrame with ``ref_w, ref_l`` in probe o
 
 What it cannot do: sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
 parameter snapshot and the probe forward passes assume one process holding the whole model;
-it raises for ``world_size > 1``), and it tokenizes the probe pairs itself (prompt and
-response separately, `dynamics.logprobs`), which may differ from a trainer's own tokenization
-by an EOS token; the recorded log-probs are then those of the probe text as tokenized here.
+it raises for ``world_size > 1``). It tokenizes the probe pairs itself (prompt and response
+separately, `dynamics.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
+when the training arguments come from TRL (TRL's preference trainers append EOS to
+non-conversational completions), so the probe log-probs are those of the sequences TRL trains on.
 """
 from __future__ import annotations
 
@@ -56,14 +57,19 @@ class DynamicsCallback(TrainerCallback):
         others: training pairs whose responses serve as "other prompt" probes (default: the probes).
         ref: precomputed reference log-probs of the probe pairs (else computed at train begin).
         max_length: tokenization limit (prompt cut from the left).
+        append_eos: end every probe response with the EOS token; ``"auto"``: when ``args`` is a
+            TRL config (as TRL does for non-conversational data), else not.
     """
 
     def __init__(self, probe_pairs: Sequence, out_dir: str | Path, *, every: int = 10, loss: str = "dpo",
                  loss_params: dict | None = None, params="trainable", impl: str = "ghost", whatif: bool = True,
                  token_pairs: int = 1, ref: pd.DataFrame | None = None, max_length: int | None = None,
-                 probes: bool = False, others: Sequence | None = None):
+                 probes: bool = False, others: Sequence | None = None, append_eos: bool | str = "auto"):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if append_eos not in (True, False, "auto"):
+            raise ValueError(f"append_eos must be True, False or 'auto', got {append_eos!r}")
+        self.append_eos = append_eos
         self.pairs, self.every, self.ref, self.max_length = list(probe_pairs), every, ref, max_length
         self.others = list(others) if others is not None else None
         self.cfg_kwargs = dict(loss=loss, loss_params=dict(loss_params or {}), params=params, impl=impl,
@@ -84,7 +90,10 @@ class DynamicsCallback(TrainerCallback):
             raise RuntimeError("DynamicsCallback supports single-process training only (world_size > 1)")
         tok = processing_class if processing_class is not None else kwargs.get("tokenizer")
         tok = getattr(tok, "tokenizer", tok)  # processors wrap a tokenizer
-        probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length,
+        eos = self.append_eos
+        if eos == "auto":
+            eos = type(args).__module__.split(".")[0] == "trl"
+        probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length, append_eos=eos,
                                truncation="prompt_left" if self.max_length else "error")
         ref = self.ref
         if ref is None:
@@ -92,7 +101,7 @@ class DynamicsCallback(TrainerCallback):
             with (disable() if callable(disable) else contextlib.nullcontext()):
                 ref = reference_logprobs(model, probe)
         cfg = RecorderConfig(lr=args.learning_rate, **self.cfg_kwargs)
-        self.run.write_config(dict(recorder=cfg, every=self.every, trainer=type(args).__name__,
+        self.run.write_config(dict(recorder=cfg, every=self.every, trainer=type(args).__name__, append_eos=eos,
                                    training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
         sets = None
         if cfg.probes:

@@ -309,7 +309,8 @@ def cmd_reproduce_sentiment(args) -> int:
 
     t0 = time.time()
     out = args.out or "runs/sentiment"
-    run_sentiment(out, quick=args.quick)
+    run_sentiment(out, quick=args.quick, model=args.model, data=args.data, eval_data=args.eval_data,
+                  loss=args.loss, styles=tuple(args.styles), seed=args.seed)
     for p in write_figures(out, args.figures):
         print(f"wrote {p}")
     print(claims_markdown(claims(out)))
@@ -445,6 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-llm", action="store_true", help="squeezing: toy and digits only (seconds)")
     p.add_argument("--out", default=None, help="squeezing: figures/squeezing; sentiment: runs/sentiment (runs)")
     p.add_argument("--figures", default="figures/sentiment", help="sentiment: figure directory")
+    p.add_argument("--model", default="smollm2-135m", help="sentiment: model (offline SmolLM2, a hub id or path)")
+    p.add_argument("--data", default=None, help="sentiment: tweets CSV or pairs file (default: the shared "
+                   "tweets when present, else the built-in statements; 'builtin': always those)")
+    p.add_argument("--eval-data", default="auto", help="sentiment: file of the evaluation pairs (default 'auto': "
+                   "test.csv beside a tweets train.csv, else split off the training data)")
+    p.add_argument("--loss", default="dpo", help="sentiment: preference loss (a name in `dynamics losses`)")
+    p.add_argument("--styles", nargs="+", default=["single_token", "short_suffix", "long_suffix"],
+                   help="sentiment: response styles")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("plot", help="regenerate the figures of a run directory")

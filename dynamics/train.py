@@ -44,6 +44,7 @@ class TrainConfig:
     style: str = field(default="long_suffix", metadata={"help": "sentiment response style"})
     n_pairs: int | None = field(default=None, metadata={"help": "use at most this many pairs (train + probe)"})
     n_probe: int = field(default=16, metadata={"help": "held-out probe pairs scored every eval_every steps"})
+    eval_data: str | None = field(default=None, metadata={"help": "draw the probe pairs from this file (same kind as data) instead of splitting them off the training data"})
     loss: str = field(default="dpo", metadata={"help": "a name in dynamics.losses.LOSSES"})
     loss_params: dict = field(default_factory=dict, metadata={"help": "hyper-parameter overrides for the loss"})
     steps: int = field(default=40, metadata={"help": "preference optimizer steps"})
@@ -87,14 +88,37 @@ class TrainConfig:
 
 
 def load_config_pairs(cfg: TrainConfig) -> list:
-    """The pairs a config names (validated `PreferencePair`s)."""
+    """The pairs a config names (validated `PreferencePair`s): at most ``n_pairs`` of ``data``."""
+    return _read_pairs(cfg, cfg.data, cfg.n_pairs)
+
+
+def _read_pairs(cfg: TrainConfig, source: str | None, limit: int | None) -> list:
     if cfg.data_kind == "sentiment":
-        return data_mod.sentiment_pairs(cfg.data, cfg.style, limit=cfg.n_pairs, seed=cfg.seed)
-    if cfg.data is None:
+        return data_mod.sentiment_pairs(source, cfg.style, limit=limit, seed=cfg.seed)
+    if source is None:
         raise ValueError(f"data_kind={cfg.data_kind!r} needs a data file")
     if cfg.data_kind == "tldr":
-        return data_mod.load_tldr(cfg.data, limit=cfg.n_pairs)
-    return data_mod.load_pairs(cfg.data, limit=cfg.n_pairs)
+        return data_mod.load_tldr(source, limit=limit)
+    return data_mod.load_pairs(source, limit=limit)
+
+
+def split_config_pairs(cfg: TrainConfig) -> tuple[list, list]:
+    """(training pairs, probe pairs): ``n_probe`` probes drawn from ``cfg.eval_data`` when given
+    (all of ``cfg.data`` then trains), else split off ``cfg.data`` (`dynamics.data.split_pairs`)."""
+    pairs = load_config_pairs(cfg)
+    if cfg.eval_data is not None:
+        held = _read_pairs(cfg, cfg.eval_data, None)
+        if len(held) < cfg.n_probe:
+            raise ValueError(f"eval_data {cfg.eval_data} has {len(held)} pairs, fewer than n_probe={cfg.n_probe}")
+        _, probe = data_mod.split_pairs(held, n_eval=cfg.n_probe, seed=cfg.seed)
+        train_ids = {str(p.id) for p in pairs}
+        clash = [p.id for p in probe if str(p.id) in train_ids]
+        if clash:
+            raise ValueError(f"probe pairs {clash[:5]} from eval_data are also in the training data")
+        return list(pairs), probe
+    if len(pairs) <= cfg.n_probe:
+        raise ValueError(f"{len(pairs)} pairs cannot leave training pairs beside n_probe={cfg.n_probe} probes")
+    return data_mod.split_pairs(pairs, n_eval=cfg.n_probe, seed=cfg.seed)
 
 
 def _batches(n: int, size: int, seed: int):
@@ -213,10 +237,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device, seed=cfg.seed)
-    pairs = load_config_pairs(cfg)
-    if len(pairs) <= cfg.n_probe:
-        raise ValueError(f"{len(pairs)} pairs cannot leave training pairs beside n_probe={cfg.n_probe} probes")
-    train_pairs, probe_pairs = data_mod.split_pairs(pairs, n_eval=cfg.n_probe, seed=cfg.seed)
+    train_pairs, probe_pairs = split_config_pairs(cfg)
     kw = dict(max_length=cfg.max_length, truncation="prompt_left" if cfg.max_length else "error")
     train_tp, probe_tp = tokenize_pairs(tokenizer, train_pairs, **kw), tokenize_pairs(tokenizer, probe_pairs, **kw)
     if len(train_tp) < cfg.batch_size:

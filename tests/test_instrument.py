@@ -131,15 +131,23 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     tok, model = tiny_tokenizer(), tiny_model("llama", seed=0)
     pairs = builtin_sentiment_pairs("short_suffix", n=20)
     train_pairs, probe = pairs[:16], pairs[16:]
-    ds = Dataset.from_dict({"prompt": [p.prompt for p in train_pairs], "chosen": [p.chosen for p in train_pairs],
-                            "rejected": [p.rejected for p in train_pairs]})
+    def dataset(ps):
+        return Dataset.from_dict({"prompt": [p.prompt for p in ps], "chosen": [p.chosen for p in ps],
+                                  "rejected": [p.rejected for p in ps]})
+    ds = dataset(train_pairs)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                      max_steps=4, logging_steps=1, report_to=[], learning_rate=1e-3, use_cpu=True,
                      save_strategy="no", beta=0.1)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
-                         processing_class=tok)
+                         eval_dataset=dataset(probe), processing_class=tok)
     cb = DynamicsCallback(probe, tmp_path / "dyn", every=2, loss="dpo", loss_params={"beta": 0.1}).attach(trainer)
     trainer.train()
+    # the callback's probe sequences are token for token those TRL trains on (EOS appended)
+    for i, row in enumerate(trainer.eval_dataset):
+        w, l = cb.rec.probe.chosen[i], cb.rec.probe.rejected[i]
+        assert list(w.prompt_ids) == row["prompt_ids"] == list(l.prompt_ids)
+        assert list(w.response_ids) == row["chosen_ids"] and list(l.response_ids) == row["rejected_ids"]
+        assert w.response_ids[-1] == tok.eos_token_id
     rec = read_table(tmp_path / "dyn", "records")
     assert sorted(rec.step.unique()) == [0, 2, 4] and (rec.groupby("step").size() == 4).all()
     body = rec[rec.step < 4]

@@ -61,6 +61,14 @@ def test_claims_and_figures(sentiment_out, tmp_path):
     assert len(cl) == 4 and all(isinstance(c["held"], bool) for c in cl.values())
     lp = cl["chosen_rises_only_single_token"]["numbers"]
     assert set(lp) == set(STYLE_ORDER) and lp["long_suffix"]["first_step"] == 0 and lp["long_suffix"]["last_step"] == 4
+    import pandas as pd
+    rec = pd.read_parquet(out / "records.parquet")
+    for style in STYLE_ORDER:  # per-pair statistics against a direct loop over the pairs
+        sub = rec[rec["style"] == style]
+        d = [sub[(sub.pair_id == p) & (sub.step == 4)].logp_w.item() - sub[(sub.pair_id == p) & (sub.step == 0)].logp_w.item()
+             for p in sub.pair_id.unique()]
+        assert lp[style]["n_pairs"] == 2 and lp[style]["median_pair_change"] == pytest.approx(np.median(d))
+        assert lp[style]["frac_pairs_fell"] == pytest.approx(np.mean(np.array(d) < 0))
     md = claims_markdown(cl)
     assert md.count("- **") == 4
     paths = write_figures(out, tmp_path / "figs")
@@ -92,3 +100,42 @@ def test_heatmap_small_matrix():
     assert len(fig.axes) == 2  # the colorbar
     with pytest.raises(ValueError, match="shape"):
         plot_token_heatmap(cos, ["a"], ["x", "y", "z"])
+
+
+def test_eval_pairs_come_from_test_csv_beside_train_csv(tmp_path):
+    import pandas as pd
+
+    from dynamics.statements import NEGATIVE, POSITIVE
+
+    rows = [(f"p{i}", t, "positive") for i, t in enumerate(POSITIVE[:20])] + \
+           [(f"n{i}", t, "negative") for i, t in enumerate(NEGATIVE[:20])]
+    df = pd.DataFrame(rows, columns=["textID", "text", "sentiment"])
+    test_ids = set(df.textID[::4])
+    df[~df.textID.isin(test_ids)].to_csv(tmp_path / "train.csv", index=False)
+    df[df.textID.isin(test_ids)].to_csv(tmp_path / "test.csv", index=False)
+    out = tmp_path / "run"
+    run_sentiment(out, model="tiny-gpt2", data=tmp_path / "train.csv", styles=("single_token",),
+                  overrides={**TINY, "n_probe": 3, "steps": 2}, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["eval_data"] == str(tmp_path / "test.csv")
+    rec = pd.read_parquet(out / "records.parquet")
+    assert rec.pair_id.nunique() == 3 and set(rec.pair_id) <= test_ids
+    # all n_pairs=12 pairs read from train.csv train (none is split off as a probe)
+    ref_train = pd.read_parquet(out / "single_token" / "ref_train.parquet")
+    assert len(ref_train) == TINY["n_pairs"] and not set(ref_train.pair_id.astype(str)) & test_ids
+    # explicit None: split off the training data instead
+    out2 = tmp_path / "run2"
+    run_sentiment(out2, model="tiny-gpt2", data=tmp_path / "train.csv", eval_data=None, styles=("single_token",),
+                  overrides={**TINY, "n_probe": 3, "steps": 2}, progress=False)
+    rec2 = pd.read_parquet(out2 / "records.parquet")
+    assert json.loads((out2 / "config.json").read_text())["eval_data"] is None and not set(rec2.pair_id) & test_ids
+
+
+def test_eval_data_smaller_than_n_probe_is_an_error(tmp_path):
+    from dynamics.train import TrainConfig, split_config_pairs
+
+    import pandas as pd
+    pd.DataFrame([("a", "I love it", "positive")], columns=["textID", "text", "sentiment"]).to_csv(tmp_path / "t.csv", index=False)
+    cfg = TrainConfig(data=None, eval_data=str(tmp_path / "t.csv"), n_probe=2)
+    with pytest.raises(ValueError, match="fewer than n_probe=2"):
+        split_config_pairs(cfg)
