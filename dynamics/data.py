@@ -336,12 +336,57 @@ def load_tweets(
     missing = [c for c in ("textID", "text", "sentiment") if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; available: {list(df.columns)}")
-    df = df.assign(text=df["text"].map(lambda t: " ".join(t.split())))
-    df = df[df["sentiment"].isin(LABELS) & (df["text"] != "")]
-    rows = list(zip(df["textID"], df["text"], df["sentiment"]))
+    return _labelled_texts_to_pairs(df["textID"], df["text"], df["sentiment"], style, limit=limit, seed=seed,
+                                    balanced=balanced, template=template)
+
+
+def _labelled_texts_to_pairs(ids, texts, labels, style: str, *, limit, seed, balanced, template) -> PairList:
+    """(id, text, label) rows -> sentiment pairs; neutral/other labels and empty texts dropped."""
+    rows = [(str(i), " ".join(str(t).split()), lab) for i, t, lab in zip(ids, texts, labels)]
+    rows = [r for r in rows if r[2] in LABELS and r[1]]
     pos, neg = ([r for r in rows if r[2] == label] for label in LABELS)
     rows = _balanced(pos, neg, seed=seed, balanced=balanced, limit=None)
     return validate_pairs((sentiment_pair(t, x, lab, style, template) for t, x, lab in rows), limit=limit)
+
+
+HF_PREFIX = "hf:"
+
+
+def load_hf_sentiment(
+    spec: str, style: str = "long_suffix", *, limit: int | None = None, seed: int = 0, balanced: bool = True,
+    template: str = DEFAULT_TEMPLATE, text: str = "text", label: str | None = None,
+) -> PairList:
+    """Sentiment pairs from a Hugging Face dataset named ``"hf:NAME[:SPLIT]"`` (split default train),
+    e.g. ``hf:mteb/tweet_sentiment_extraction:test``.
+
+    ``text`` names the text column; ``label`` the label column, by default the first of
+    ``sentiment``, ``label_text``, ``label`` present; integer labels are mapped through the
+    column's class names. Rows labelled other than positive/negative are dropped, as in
+    `load_tweets`; ids are the ``id``/``textID`` column when present, else ``NAME:SPLIT-row``.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("HF sentiment data needs the `datasets` package") from e
+    if not spec.startswith(HF_PREFIX):
+        raise ValueError(f"expected 'hf:NAME[:SPLIT]', got {spec!r}")
+    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    split = split or "train"
+    ds = datasets.load_dataset(name, split=split)
+    cols = list(ds.column_names)
+    label = label or next((c for c in ("sentiment", "label_text", "label") if c in cols), None)
+    if text not in cols or label is None or label not in cols:
+        raise ValueError(f"{spec}: needs a text column {text!r} and a label column "
+                         f"({label or 'sentiment, label_text or label'}); available: {cols}")
+    labels = list(ds[label])
+    names = getattr(ds.features[label], "names", None)
+    if names is not None:
+        labels = [names[i] for i in labels]
+    labels = [str(v).lower() for v in labels]
+    id_col = next((c for c in ("textID", "id") if c in cols), None)
+    ids = ds[id_col] if id_col else [f"{name}:{split}-{i}" for i in range(len(ds))]
+    return _labelled_texts_to_pairs(ids, ds[text], labels, style, limit=limit, seed=seed, balanced=balanced,
+                                    template=template)
 
 
 def builtin_sentiment_pairs(
@@ -365,12 +410,14 @@ def sentiment_pairs(
 ) -> PairList:
     """One entry point for the sentiment task.
 
-    `source=None`: the built-in statements; a CSV with the tweet columns:
-    `load_tweets`; any other file: `load_pairs` (already-formed pairs, so
-    `style`, `seed` and `template` do not apply).
+    `source=None`: the built-in statements; ``"hf:NAME[:SPLIT]"``: a Hugging Face dataset of
+    labelled texts (`load_hf_sentiment`); a CSV with the tweet columns: `load_tweets`; any other
+    file: `load_pairs` (already-formed pairs, so `style`, `seed` and `template` do not apply).
     """
     if source is None:
         return builtin_sentiment_pairs(style, n=limit, seed=seed, template=template)
+    if str(source).startswith(HF_PREFIX):
+        return load_hf_sentiment(str(source), style, limit=limit, seed=seed, template=template)
     path = Path(source)
     if path.suffix.lower() == ".csv" and {"textID", "text", "sentiment"} <= set(pd.read_csv(path, nrows=0).columns):
         return load_tweets(path, style, limit=limit, seed=seed, template=template)

@@ -344,3 +344,27 @@ def test_load_tweets_real():
     assert len(few) == 50 and [p.metadata["label"] for p in few].count("negative") == 25
     assert few == data.load_tweets(path, limit=50, seed=7)
     assert data.sentiment_pairs(path, limit=50, seed=7) == few
+
+
+def test_hf_sentiment_dataset_with_class_labels(monkeypatch):
+    import datasets
+
+    feats = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["negative", "neutral", "positive"])})
+    ds = datasets.Dataset.from_dict({"id": ["a", "b", "c", "d"], "text": ["I hate  rain", "ok", "love it", ""],
+                                     "label": [0, 1, 2, 2]}, features=feats)
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append((name, split)) or ds)
+    got = data.sentiment_pairs("hf:someone/tweets:test", "single_token", seed=0)
+    assert calls == [("someone/tweets", "test")]
+    assert {p.id: (p.metadata["text"], p.metadata["label"]) for p in got} == \
+        {"a": ("I hate rain", "negative"), "c": ("love it", "positive")}  # neutral and empty dropped
+    assert all(p.chosen != p.rejected for p in got)
+    # same rows through the tweets CSV loader give the same pairs
+    csv_like = data._labelled_texts_to_pairs(["a", "c"], ["I hate  rain", "love it"], ["negative", "positive"],
+                                             "single_token", limit=None, seed=0, balanced=True,
+                                             template=data.DEFAULT_TEMPLATE)
+    assert sorted(got, key=lambda p: p.id) == sorted(csv_like, key=lambda p: p.id)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: ds.remove_columns("label"))
+    with pytest.raises(ValueError, match="label column"):
+        data.sentiment_pairs("hf:someone/tweets", "single_token")
