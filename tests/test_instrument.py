@@ -86,25 +86,52 @@ def test_sgd_self_step_prediction_matches_reality(tmp_path):
     assert errors[1] < 0.05 and errors[1] < errors[0] / 5  # first order: the error shrinks with η
 
 
+# Runs `dynamics train` in a child that blocks, deterministically, right after the "train" row of
+# step KILL_AT is on disk (and signals it with a flag file); the test then SIGKILLs it there. No race:
+# the kill always lands mid-run, after checkpoint 6 and with rows of steps 6-8 written past it.
+_BLOCKING_CHILD = """
+import sys, time
+from pathlib import Path
+from dynamics.record import RunDir
+from dynamics.cli import main
+flag, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+append = RunDir.append
+def blocking_append(self, name, rows):
+    rows = list(rows)
+    append(self, name, rows)
+    if name == "train" and any(r["step"] == kill_at for r in rows):
+        flag.write_text("blocked")
+        while True:
+            time.sleep(3600)
+RunDir.append = blocking_append
+sys.exit(main(sys.argv[3:]))
+"""
+KILL_AT = 8
+
+
 def test_resume_after_sigkill(tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "dynamics.cli", "train", "--model", "tiny-gpt2", "--n-pairs", "24",
-            "--n-probe", "4", "--steps", "40", "--batch-size", "4", "--eval-every", "1", "--save-every", "3",
-            "--lr", "1e-3", "--optimizer", "sgd", "--dtype", "float64", "--token-pairs", "0", "--no-whatif",
-            "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            if (out / "checkpoint" / "state.pt").exists() and read_table(out, "records").step.max() >= 7:
-                break
-        except Exception:  # a table being replaced is read again
-            pass
+    cli = ["train", "--model", "tiny-gpt2", "--n-pairs", "24",
+           "--n-probe", "4", "--steps", "40", "--batch-size", "4", "--eval-every", "1", "--save-every", "3",
+           "--lr", "1e-3", "--optimizer", "sgd", "--dtype", "float64", "--token-pairs", "0", "--no-whatif",
+           "--no-progress", "--out", str(out)]
+    args = [sys.executable, "-m", "dynamics.cli"] + cli
+    flag = tmp_path / "blocked"
+    log = tmp_path / "child.log"
+    with open(log, "wb") as err:      # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(flag), str(KILL_AT)] + cli,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    while not flag.exists():          # wait for the child to block (or to fail: then report why)
+        if proc.poll() is not None:
+            pytest.fail(f"the child exited ({proc.returncode}) before step {KILL_AT}: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 6
+    assert read_table(out, "train").step.max() == KILL_AT                       # rows past the checkpoint
     killed = read_table(out, "records")  # readable after SIGKILL
-    assert killed.step.max() < 40
+    assert killed.step.max() == KILL_AT - 1                                     # records of steps 6, 7 get redone
     assert subprocess.run(args + ["--resume"], capture_output=True).returncode == 0
     rec = read_table(out, "records")
     counts = rec.groupby("step").pair_id.count()

@@ -55,10 +55,94 @@ def test_token_cosines_on_a_hand_made_gram():
     assert tc["n_shared"] == 3 and tc["cos_shared_mean"] == pytest.approx(0.9)
 
 
+def write_claim_run(out, changes, cos, gram_last, gram_first=(0.5, 0.1)):
+    """A synthetic sentiment output dir with known answers: per style, the chosen log-prob of each
+    pair moves by ``changes[style][i]`` from step 0 to step 4; ``cos[style]`` is the recorded cos_wl
+    (steps 0, 2; none at the final step, as the recorder writes); long-suffix token Grams at steps 0
+    and 2 whose differing token (m = 1) and shared tokens have cosines ``gram_first``/``gram_last``
+    = (cos at the differing token, cos of every shared token)."""
+    import pandas as pd
+    rows = []
+    for style, deltas in changes.items():
+        for i, dlt in enumerate(deltas):
+            for step, lp, c in ((0, -10.0, cos[style]), (2, -10.0 + dlt / 2, cos[style]), (4, -10.0 + dlt, np.nan)):
+                rows.append(dict(style=style, step=step, pair_id=f"p{i}", logp_w=lp, cos_wl=c))
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(out / "records.parquet", index=False)
+    grams = out / "long_suffix" / "token_grams"
+    grams.mkdir(parents=True)
+    for step, (diff, shared) in ((0, gram_first), (2, gram_last)):
+        c = np.full((4, 4), 0.05)
+        np.fill_diagonal(c, shared)
+        c[1, 1] = diff
+        np.savez(grams / f"step{step:06d}_p0.npz", cos=c, tokens_w=np.array(["a", " pos", "b", "c"]),
+                 tokens_l=np.array(["a", " neg", "b", "c"]), step=np.array(step), pair_id=np.array("p0"))
+
+
+CLAIM_NAMES = ("chosen_rises_only_single_token", "long_suffix_falls_more", "cosine_grows_with_suffix",
+               "token_cosine_sign")
+ALL_HOLD = dict(changes=dict(single_token=[1.0, 0.5], short_suffix=[-1.0, -0.5], long_suffix=[-3.0, -2.0]),
+                cos=dict(single_token=0.1, short_suffix=0.4, long_suffix=0.8), gram_last=(-0.3, 0.9))
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({}, (True, True, True, True)),
+    # single token falls: claim 1 fails; the others are untouched
+    (dict(changes=dict(ALL_HOLD["changes"], single_token=[-1.0, 0.5])), (False, True, True, True)),
+    # the short suffix rises too: claim 1 fails (it rises *only* in the single-token case)
+    (dict(changes=dict(ALL_HOLD["changes"], short_suffix=[1.0, 0.0])), (False, True, True, True)),
+    # the long suffix falls less than the short one: claim 2 fails
+    (dict(changes=dict(ALL_HOLD["changes"], long_suffix=[-0.5, -0.5])), (True, False, True, True)),
+    # equal cosines are not "growing"; nor is long < short
+    (dict(cos=dict(single_token=0.1, short_suffix=0.4, long_suffix=0.4)), (True, True, False, True)),
+    (dict(cos=dict(single_token=0.5, short_suffix=0.4, long_suffix=0.8)), (True, True, False, True)),
+    # token cosines: the differing token not negative; shared tokens not above SHARED_COS_MIN = 0.5
+    (dict(gram_last=(0.2, 0.9)), (True, True, True, False)),
+    (dict(gram_last=(-0.3, 0.5)), (True, True, True, False)),
+    # only the last saved Gram counts (the first one would hold)
+    (dict(gram_last=(0.2, 0.9), gram_first=(-0.3, 0.9)), (True, True, True, False)),
+])
+def test_claim_verdicts_on_synthetic_records(tmp_path, change, expected):
+    write_claim_run(tmp_path / "out", **{**ALL_HOLD, **change})
+    cl = claims(tmp_path / "out")
+    assert tuple(cl) == CLAIM_NAMES
+    assert tuple(cl[n]["held"] for n in CLAIM_NAMES) == expected
+    md = claims_markdown(cl)
+    assert md.count("**held**") == sum(expected) and md.count("**did not hold**") == 4 - sum(expected)
+
+
+def test_claim_numbers_on_synthetic_records(tmp_path):
+    """Claim 1 is judged on the mean over pairs; the per-pair median and the fraction that fell are
+    reported beside it: here the mean falls (one large drop) while most pairs rise."""
+    changes = dict(single_token=[1.0, 1.0, -10.0], short_suffix=[-1.0, -1.0, -1.0], long_suffix=[-2.0, -4.0, -6.0])
+    write_claim_run(tmp_path / "out", changes, ALL_HOLD["cos"], (-0.3, 0.9))
+    cl = claims(tmp_path / "out")
+    one = cl["chosen_rises_only_single_token"]["numbers"]["single_token"]
+    assert one["first"] == -10.0 and one["last"] == pytest.approx(-10.0 - 8.0 / 3, rel=1e-15)
+    assert (one["first_step"], one["last_step"], one["n_pairs"]) == (0, 4, 3)
+    assert one["change"] == pytest.approx(-8.0 / 3, rel=1e-14)
+    assert one["median_pair_change"] == 1.0 and one["frac_pairs_fell"] == pytest.approx(1 / 3)
+    assert not cl["chosen_rises_only_single_token"]["held"]
+    assert cl["long_suffix_falls_more"]["numbers"]["drop"] == pytest.approx(dict(short_suffix=1.0, long_suffix=4.0))
+    assert cl["cosine_grows_with_suffix"]["numbers"]["long_suffix"]["mean"] == pytest.approx(0.8)
+    tc = cl["token_cosine_sign"]["numbers"]["last"]
+    assert (tc["step"], tc["m"], tc["n_shared"]) == (2, 1, 3)
+    assert tc["cos_differing"] == -0.3 and tc["cos_shared_mean"] == pytest.approx(0.9)
+
+
+def test_claims_without_token_grams_do_not_hold(tmp_path):
+    write_claim_run(tmp_path / "out", **ALL_HOLD)
+    import shutil
+    shutil.rmtree(tmp_path / "out" / "long_suffix")
+    cl = claims(tmp_path / "out")
+    assert cl["token_cosine_sign"]["held"] is False and cl["token_cosine_sign"]["numbers"] is None
+    assert cl["chosen_rises_only_single_token"]["held"] is True
+
+
 def test_claims_and_figures(sentiment_out, tmp_path):
     out, _ = sentiment_out
     cl = claims(out)
-    assert len(cl) == 4 and all(isinstance(c["held"], bool) for c in cl.values())
+    assert tuple(cl) == CLAIM_NAMES and all(isinstance(c["held"], bool) for c in cl.values())  # verdicts: above
     lp = cl["chosen_rises_only_single_token"]["numbers"]
     assert set(lp) == set(STYLE_ORDER) and lp["long_suffix"]["first_step"] == 0 and lp["long_suffix"]["last_step"] == 4
     import pandas as pd

@@ -1,5 +1,4 @@
 """The squeezing effect (seed 000) on a linear softmax, and the digits warm-up, as numbers."""
-import time
 
 import numpy as np
 import pandas as pd
@@ -143,10 +142,8 @@ def test_digits_heatmap_diagonal_positive(digits):
     np.testing.assert_array_equal(same.d_true.values, same.d_c.values)
 
 
-def test_reproduce_writes_files_quickly(tmp_path):
-    t = time.perf_counter()
-    paths = sq.reproduce_toy_and_digits(tmp_path, quick=True)
-    assert time.perf_counter() - t < 60
+def test_reproduce_writes_files(tmp_path):
+    paths = sq.reproduce_toy_and_digits(tmp_path, quick=True)  # no wall-clock assertion: speed is the benchmark's job
     names = {p.name for p in paths}
     for stem in ("toy_squeezing_V50", "toy_squeezing_V1000", "digits_heatmap", "digits_first_order"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
