@@ -23,7 +23,7 @@ model: venv
 	$(BIN)/dynamics fetch-model smollm2-135m
 
 demo: venv model
-	$(BIN)/dynamics demo --out runs/demo
+	$(BIN)/dynamics demo --out runs/demo --overwrite
 
 test: venv-test model
 	$(BIN)/python -m pytest -q tests

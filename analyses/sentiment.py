@@ -62,7 +62,8 @@ def resolve_eval_data(data: str | None, eval_data: str | Path | None = AUTO) -> 
 def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-135m",
                   styles: tuple[str, ...] = STYLE_ORDER, data: str | Path | None = None,
                   eval_data: str | Path | None = AUTO, loss: str = "dpo", seed: int = 0,
-                  overrides: dict | None = None, progress: bool = True) -> dict[str, RunDir]:
+                  overrides: dict | None = None, progress: bool = True,
+                  overwrite: bool = False) -> dict[str, RunDir]:
     """SFT then ``loss`` for each style into ``out/<style>/``; returns {style: RunDir}.
 
     ``overrides``: `TrainConfig` fields replacing the quick/full settings (tests use tiny ones).
@@ -70,8 +71,12 @@ def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-
     built-in statements; ``"builtin"``: always the built-in statements.
     ``eval_data``: file of the held-out evaluation pairs; ``"auto"``: the tweets ``test.csv``
     beside ``train.csv`` when present, else ``n_probe`` pairs split off the training data.
+    ``overwrite``: ``out`` holds an earlier experiment: move it aside (``out.old-<time>``) instead
+    of refusing. Every configuration is validated before anything is written or moved.
     """
     from dynamics.data import STYLES
+    from dynamics.errors import InputError
+    from dynamics.record import move_aside, out_dir_state
     from dynamics.train import TrainConfig, train
 
     unknown = [s for s in styles if s not in STYLES]
@@ -82,11 +87,17 @@ def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-
     data = resolve_data(data)
     config = dict(experiment="seed 004, section 4.2 (sentiment)", quick=quick, model=model, styles=list(styles),
                   data=data, eval_data=resolve_eval_data(data, eval_data), loss=loss, seed=seed, settings=settings)
+    cfgs = {style: TrainConfig(out=str(out / style), model=model, data=data, eval_data=config["eval_data"],
+                               data_kind="sentiment", style=style, loss=loss, seed=seed, progress=progress,
+                               **settings) for style in styles}  # validates every run before writing
+    if out_dir_state(out) == "run":
+        if not overwrite:
+            raise InputError(f"{out} already holds an experiment; pass --overwrite to move it aside to "
+                             f"{out.name}.old-<time>, or choose another --out")
+        move_aside(out)
     RunDir(out).write_config(config)
     runs, frames = {}, []
-    for style in styles:
-        cfg = TrainConfig(out=str(out / style), model=model, data=data, eval_data=config["eval_data"],
-                          data_kind="sentiment", style=style, loss=loss, seed=seed, progress=progress, **settings)
+    for style, cfg in cfgs.items():
         runs[style] = train(cfg)
         frames.append(read_table(runs[style].path, "records").assign(style=style))
     pd.concat(frames, ignore_index=True).to_parquet(out / "records.parquet", index=False)

@@ -23,9 +23,14 @@ def run_trl_dpo(out: str | Path, *, model_name: str = "smollm2-135m", data: str 
 
     from dynamics import data as data_mod
     from dynamics.callbacks import DynamicsCallback
-    from dynamics.models import load_model
+    from dynamics.models import load_model, native_bf16, precision_name
 
     out = Path(out)
+    # bf16 autocast only where the CPU computes bfloat16 natively (AVX512-BF16 / AMX): elsewhere it is
+    # emulated and a step is ~10x slower (issue 10 §5). TRL's DPOConfig defaults to bf16=True.
+    bf16 = native_bf16("cpu")
+    capability = __import__("torch").backends.cpu.get_cpu_capability()
+    print(f"precision: {precision_name(bf16)} (CPU {capability}, native bfloat16: {'yes' if bf16 else 'no'})")
     model, tok = load_model(model_name)
     pairs = data_mod.sentiment_pairs(data, style, seed=seed)
     train, probe = data_mod.split_pairs(pairs, n_eval=n_probe, seed=seed)
@@ -34,7 +39,7 @@ def run_trl_dpo(out: str | Path, *, model_name: str = "smollm2-135m", data: str 
     args = DPOConfig(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size,
                      gradient_accumulation_steps=grad_accum, max_steps=steps, learning_rate=lr, beta=beta,
                      logging_steps=every, report_to=report_to or [], save_strategy="no", use_cpu=True,
-                     gradient_checkpointing=False, seed=seed, lr_scheduler_type="constant")
+                     gradient_checkpointing=False, seed=seed, lr_scheduler_type="constant", bf16=bf16, fp16=False)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=ds,
                          processing_class=tok)
     DynamicsCallback(probe, out, every=every, loss="dpo", loss_params={"beta": beta}).attach(trainer)

@@ -36,7 +36,8 @@ import pandas as pd
 
 from dynamics.logprobs import reference_logprobs, tokenize_pairs
 from dynamics.record import RunDir, to_jsonable
-from dynamics.recorder import Recorder, RecorderConfig
+from dynamics.models import precision_name
+from dynamics.recorder import Recorder, RecorderConfig, outside_autocast
 
 try:
     from transformers import TrainerCallback
@@ -98,10 +99,13 @@ class DynamicsCallback(TrainerCallback):
         ref = self.ref
         if ref is None:
             disable = getattr(model, "disable_adapter", None)
-            with (disable() if callable(disable) else contextlib.nullcontext()):
+            with (disable() if callable(disable) else contextlib.nullcontext()), outside_autocast(model):
                 ref = reference_logprobs(model, probe)
         cfg = RecorderConfig(lr=args.learning_rate, **self.cfg_kwargs)
+        # the trainer's precision (its steps); the diagnostics always run in the parameters' dtype
+        precision = precision_name(bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)))
         self.run.write_config(dict(recorder=cfg, every=self.every, trainer=type(args).__name__, append_eos=eos,
+                                   precision=precision, diagnostics_precision="parameters' dtype, outside autocast",
                                    training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
         sets = None
         if cfg.probes:

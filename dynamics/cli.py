@@ -21,6 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,25 +33,110 @@ DEMO = dict(model="smollm2-135m", data=None, data_kind="sentiment", style="long_
             optimizer="adamw", seed=0, token_pairs=1)
 
 
-def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """One flag per `TrainConfig` field, help text from the field's metadata."""
-    from dynamics.train import TrainConfig
+# ----------------------------------------------------------------------------- argument types
+# Bad input is refused at parse time where the flag alone decides it (type, choices, sign, finite),
+# else in `_preflight` / the config dataclasses: always before a model or data set is loaded.
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|infinity|nan)$", re.IGNORECASE)
 
+
+def _finite(text: str) -> float:
+    """A finite float (``inf``/``nan`` refused); negative values reach the range checks."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = _finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}; e.g. '{{\"beta\": 0.2}}'") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"beta\": 0.2}}', got {text!r}")
+    return v
+
+
+_DEVICE = re.compile(r"^(cpu|mps|meta|(cuda|xpu)(:\d+)?)$")
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}; use cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _join_negative_numbers(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--lr -1e-5`` -> ``--lr=-1e-5`` for flags taking one value: argparse reads a value that
+    starts with '-' and is not a plain ``-5``/``-.5`` as a flag, so ``-1e-5`` or ``-inf`` would
+    not reach the range checks (which then say "lr must be > 0")."""
+    single = set()
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for sp in sub.choices.values():
+            for a in sp._actions:
+                if a.option_strings and a.nargs is None and isinstance(a, argparse._StoreAction):
+                    single.update(a.option_strings)
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in single and i + 1 < len(argv) and argv[i + 1].startswith("-") and _NUMBER.match(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One flag per `TrainConfig` field, help text from the field's metadata; fields with a fixed
+    set of values get argparse ``choices``, numbers a finite-number type."""
+    from dynamics.data import STYLES
+    from dynamics.train import DATA_KINDS, DTYPES, IMPLS, OPTIMIZERS, TrainConfig
+
+    choices = dict(impl=IMPLS, optimizer=OPTIMIZERS, dtype=tuple(DTYPES), data_kind=DATA_KINDS, style=tuple(STYLES))
     defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{f.metadata.get('help', '')} (default: {default})"
         if f.name == "loss_params":
-            p.add_argument(flag, type=json.loads, default={}, help="JSON object of loss hyper-parameters, "
+            p.add_argument(flag, type=_json_object, default={}, help="JSON object of loss hyper-parameters, "
                            'e.g. \'{"beta": 0.2}\'')
         elif f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif f.name == "loss":
             from dynamics.losses import LOSSES
             p.add_argument(flag, choices=sorted(LOSSES), default=default, help=help_)
+        elif f.name in choices:
+            p.add_argument(flag, choices=choices[f.name], default=default, help=help_)
+        elif f.name == "device":
+            p.add_argument(flag, type=_device, default=default, help=help_)
         else:  # annotations are strings: "int", "float | None", ...
-            typ = {"int": int, "float": float}.get(f.type.split(" | ")[0], str)
+            typ = {"int": int, "float": _finite}.get(f.type.split(" | ")[0], str)
             p.add_argument(flag, type=typ, default=default, help=help_)
 
 
@@ -310,7 +398,7 @@ def cmd_reproduce_sentiment(args) -> int:
     t0 = time.time()
     out = args.out or "runs/sentiment"
     run_sentiment(out, quick=args.quick, model=args.model, data=args.data, eval_data=args.eval_data,
-                  loss=args.loss, styles=tuple(args.styles), seed=args.seed)
+                  loss=args.loss, styles=tuple(args.styles), seed=args.seed, overwrite=args.overwrite)
     for p in write_figures(out, args.figures):
         print(f"wrote {p}")
     print(claims_markdown(claims(out)))
@@ -341,6 +429,86 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- checks before work
+def _writable_dir(start: Path, flag: str, value) -> None:
+    """The nearest existing ancestor of ``start`` must be a writable directory."""
+    from dynamics.errors import InputError
+
+    d = start
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise InputError(f"{flag} {str(value)!r}: {d} is a file, not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(value)!r}: directory {d} is not writable")
+
+
+def _check_out_file(value, flag: str = "--out") -> None:
+    from dynamics.errors import InputError
+
+    out = Path(value)
+    if out.is_dir():
+        raise InputError(f"{flag} {str(value)!r} is a directory; this command writes one file there "
+                         f"(e.g. {out / 'out.parquet'})")
+    _writable_dir(out.parent, flag, value)
+
+
+def _check_out_dir(value, flag: str = "--out") -> None:
+    from dynamics.errors import InputError
+
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {str(value)!r} is an existing file; this command writes a directory")
+    _writable_dir(out, flag, value)
+
+
+def _preflight(args) -> None:
+    """Check the arguments that flags alone cannot (files, model names, devices, output paths,
+    loss hyper-parameters) before any model or data set is loaded. `train`/`demo` are checked by
+    `TrainConfig` (the same checks, also for library callers)."""
+    from dynamics.errors import InputError
+
+    cmd = args.command
+    if cmd in ("train", "demo", "losses", "fetch-model"):
+        return
+    if cmd == "plot":
+        run = Path(args.run_dir)
+        if not (run / "config.json").is_file():
+            raise InputError(f"{args.run_dir!r} is not a run directory (no config.json)")
+        return
+    model = getattr(args, "model", None)
+    if model and not (cmd == "reproduce" and args.what != "sentiment"):
+        from dynamics.models import check_model_name
+        check_model_name(model)
+    if getattr(args, "device", None):
+        from dynamics.models import check_device
+        check_device(args.device)
+    from dynamics import data as data_mod
+    for what in ("data", "eval_data"):
+        src = getattr(args, what, None)
+        if src is not None and src not in ("builtin", "auto") and not str(src).startswith(data_mod.HF_PREFIX):
+            data_mod.check_data_file(src, what=f"--{what.replace('_', '-')} file")
+    if getattr(args, "kind", None) in ("tldr", "pairs") and args.data is None:
+        raise InputError(f"--kind {args.kind} needs a data file (--data)")
+    if cmd in ("predict-check", "reproduce") and getattr(args, "loss", None):
+        from dynamics.losses import resolve_hyper
+        resolve_hyper(args.loss)
+    if cmd == "trl-dpo":
+        from dynamics.losses import resolve_hyper
+        if args.lr <= 0:
+            raise InputError(f"lr must be > 0, got {args.lr:g}")
+        resolve_hyper("dpo", {"beta": args.beta})
+        _check_out_dir(args.out)
+    elif cmd == "logprobs" or (cmd == "grads" and args.level == "sentence"):
+        _check_out_file(args.out)
+    elif cmd == "grads" or cmd == "predict-check":
+        _check_out_dir(args.out)
+    elif cmd == "bench" and args.out:
+        _check_out_file(args.out)
+    elif cmd == "reproduce" and args.out:
+        _check_out_dir(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamics", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -355,11 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="default: ~/.cache/dynamics")
     p.set_defaults(func=cmd_fetch_model)
 
+    from dynamics.data import STYLES
+    from dynamics.losses import LOSSES
+
+    styles, losses, pos_int, nonneg_int = tuple(STYLES), sorted(LOSSES), _int_at_least(1), _int_at_least(0)
+
     def data_args(p):
         p.add_argument("--data", default=None, help="data file (default: built-in sentiment statements)")
         p.add_argument("--kind", choices=["sentiment", "tldr", "pairs"], default="sentiment")
-        p.add_argument("--style", default="long_suffix", help="sentiment response style")
-        p.add_argument("--limit", type=int, default=None)
+        p.add_argument("--style", choices=styles, default="long_suffix", help="sentiment response style")
+        p.add_argument("--limit", type=pos_int, default=None)
         p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("data-summary", help="data-quality summary of a pair set")
@@ -371,9 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=pos_int, default=8)
+    p.add_argument("--max-length", type=pos_int, default=None)
+    p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_logprobs)
 
     p = sub.add_parser("train", help="preference training with any loss; writes a run directory")
@@ -392,21 +565,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", nargs="*", default=None, help="regex patterns (default: all parameters); "
                    "'lora' or 'trainable' also accepted")
     p.add_argument("--out", required=True, help="Parquet file (sentence) or directory of .npz (token)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--chunk-size", type=int, default=None, help="token vjps per batched backward")
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=pos_int, default=4)
+    p.add_argument("--chunk-size", type=pos_int, default=None, help="token vjps per batched backward")
+    p.add_argument("--max-length", type=pos_int, default=None)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_grads)
 
     p = sub.add_parser("bench", help="benchmarks: `dynamics bench grads`")
     p.add_argument("what", choices=["grads"])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--pairs", type=int, default=2, help="pairs per data set")
-    p.add_argument("--tokens", type=int, default=32, help="TL;DR responses cut to this many tokens")
-    p.add_argument("--tldr-max-length", type=int, default=256, help="TL;DR prompt+response tokens")
-    p.add_argument("--n-small", type=int, default=4, help="tokens for the extrapolated token-level runs")
-    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--pairs", type=pos_int, default=2, help="pairs per data set")
+    p.add_argument("--tokens", type=pos_int, default=32, help="TL;DR responses cut to this many tokens")
+    p.add_argument("--tldr-max-length", type=pos_int, default=256, help="TL;DR prompt+response tokens")
+    p.add_argument("--n-small", type=pos_int, default=4, help="tokens for the extrapolated token-level runs")
+    p.add_argument("--repeat", type=pos_int, default=1)
     p.add_argument("--no-token", action="store_true", help="sentence level only")
     p.add_argument("--out", default=None, help="CSV of every measurement")
     p.set_defaults(func=cmd_bench)
@@ -414,13 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict-check", help="first-order predictions vs one real step (SGD and AdamW)")
     data_args(p)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--loss", default="dpo")
-    p.add_argument("--pairs", type=int, default=8, help="probe pairs")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3], help="SGD step sizes η")
-    p.add_argument("--ref-offset", type=float, default=1.0, help="reference = log-probs -/+ this (margin ≠ 0)")
-    p.add_argument("--adam-steps", type=int, default=3)
-    p.add_argument("--adam-lr", type=float, default=5e-6)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--loss", choices=losses, default="dpo")
+    p.add_argument("--pairs", type=pos_int, default=8, help="probe pairs")
+    p.add_argument("--lrs", type=_positive, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3], help="SGD step sizes η")
+    p.add_argument("--ref-offset", type=_finite, default=1.0, help="reference = log-probs -/+ this (margin ≠ 0)")
+    p.add_argument("--adam-steps", type=nonneg_int, default=3)
+    p.add_argument("--adam-lr", type=_positive, default=5e-6)
+    p.add_argument("--max-length", type=pos_int, default=None)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--out", default="runs/predict_check")
     p.set_defaults(func=cmd_predict_check)
@@ -428,14 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trl-dpo", help="TRL DPOTrainer with the dynamics callback")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=None, help="tweets CSV or pairs file (default: built-in statements)")
-    p.add_argument("--style", default="long_suffix")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--every", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--n-probe", type=int, default=8)
+    p.add_argument("--style", choices=styles, default="long_suffix")
+    p.add_argument("--steps", type=pos_int, default=60)
+    p.add_argument("--every", type=pos_int, default=10)
+    p.add_argument("--batch-size", type=pos_int, default=4)
+    p.add_argument("--grad-accum", type=pos_int, default=1)
+    p.add_argument("--lr", type=_finite, default=5e-6)
+    p.add_argument("--beta", type=_finite, default=0.1)
+    p.add_argument("--n-probe", type=pos_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/trl_dpo")
     p.set_defaults(func=cmd_trl_dpo)
@@ -443,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="reproduce a paper experiment: squeezing, sentiment")
     p.add_argument("what", choices=["squeezing", "sentiment"])
     p.add_argument("--quick", action="store_true", help="small settings (minutes)")
+    p.add_argument("--overwrite", action="store_true", help="sentiment: OUT holds an earlier experiment: move "
+                   "it aside to OUT.old-<time> (nothing is deleted)")
     p.add_argument("--no-llm", action="store_true", help="squeezing: toy and digits only (seconds)")
     p.add_argument("--out", default=None, help="squeezing: figures/squeezing; sentiment: runs/sentiment (runs)")
     p.add_argument("--figures", default="figures/sentiment", help="sentiment: figure directory")
@@ -451,8 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tweets when present, else the built-in statements; 'builtin': always those)")
     p.add_argument("--eval-data", default="auto", help="sentiment: file of the evaluation pairs (default 'auto': "
                    "test.csv beside a tweets train.csv, else split off the training data)")
-    p.add_argument("--loss", default="dpo", help="sentiment: preference loss (a name in `dynamics losses`)")
-    p.add_argument("--styles", nargs="+", default=["single_token", "short_suffix", "long_suffix"],
+    p.add_argument("--loss", choices=losses, default="dpo", help="sentiment: preference loss (a name in `dynamics losses`)")
+    p.add_argument("--styles", nargs="+", choices=styles, default=["single_token", "short_suffix", "long_suffix"],
                    help="sentiment: response styles")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reproduce)
@@ -466,13 +641,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _accept_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """Let every (sub)parser read ``-1e-5``, ``-inf`` as values (argparse's own pattern only knows
+    ``-5`` and ``-.5``), also for multi-value flags such as ``--lrs``. `_join_negative_numbers` does
+    the same for single-value flags without relying on argparse internals."""
+    parser._negative_number_matcher = _NUMBER
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for sp in sub.choices.values():
+            sp._negative_number_matcher = _NUMBER
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _accept_negative_numbers(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_numbers(argv, parser))  # usage errors: exit 2
     try:
+        _preflight(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        # InputError (a ValueError) and the OS's own refusals: a message, no traceback, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _run_interrupted() as e:  # Ctrl-C during `train`/`demo`: where it stopped, how to resume
+        print(e, file=sys.stderr)
+        return 130
+
+
+def _run_interrupted() -> type:
+    """`dynamics.train.RunInterrupted`, imported only when an exception is being handled (the
+    except clause is evaluated then), so commands that never train do not import torch."""
+    from dynamics.train import RunInterrupted
+
+    return RunInterrupted
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from dynamics import statements
+from dynamics.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,69 @@ def pairs_from_rows(
     return validate_pairs(generate(), on_invalid=on_invalid, limit=limit)
 
 
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def check_data_file(path: str | Path, *, what: str = "data file") -> Path:
+    """``path`` if it is an existing, readable file; `InputError` naming it otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory, not a file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    return path
+
+
+def _text_problem(path: Path, raw: bytes) -> str | None:
+    """Why ``raw`` (the bytes of a text file) is not UTF-8 text, naming line and byte offset."""
+    def line(off: int) -> int:
+        return raw.count(b"\n", 0, off) + 1
+
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} (line "
+                f"{line(e.start)}); binary data, or save the file as UTF-8")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        return f"{path}: binary data, not text: NUL byte at byte offset {nul} (line {line(nul)})"
+    return None
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a BOM is dropped); `InputError` naming the file, line and byte
+    offset for non-UTF-8 or binary data."""
+    raw = check_data_file(path).read_bytes()
+    problem = _text_problem(path, raw)
+    if problem:
+        raise InputError(problem)
+    return raw.decode("utf-8-sig")
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """`pd.read_csv` of a UTF-8 text file, with file-naming errors."""
+    from io import StringIO
+
+    text = _read_text(path)
+    try:
+        return pd.read_csv(StringIO(text), dtype=str, keep_default_na=False, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(f"{path}: not a valid CSV file: {e}") from None
+
+
 def _read_json_rows(path: Path) -> list[dict]:
     """A JSON list of objects (`.json` starting with `[`) or JSON lines; each row must be an object."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -152,19 +211,20 @@ def _read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
 def _read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_json_rows(path)
     if suffix == ".csv":
         # dtype=str and no NA parsing: an empty cell stays "" (caught as empty), "NA" stays text.
-        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+        return _read_csv(path).to_dict("records")
     if suffix == ".parquet":
-        return pd.read_parquet(path).to_dict("records")
-    raise ValueError(f"unsupported file suffix {path.suffix!r} for {path}; supported: {', '.join(SUFFIXES)}")
+        check_data_file(path)
+        try:
+            return pd.read_parquet(path).to_dict("records")
+        except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise InputError(f"{path}: not a valid Parquet file: {e}") from None
+    raise InputError(f"unsupported file suffix {path.suffix!r} for {path}; supported: {', '.join(SUFFIXES)}")
 
 
 def load_pairs(
@@ -178,7 +238,7 @@ def load_pairs(
     are read as text. Invalid pairs raise ValueError (`on_invalid="skip"` drops
     them into `.skipped`); `limit` keeps the first `limit` valid pairs.
     """
-    path = Path(path)
+    path = check_data_file(path)
     return pairs_from_rows(_read_rows(path), prompt=prompt, chosen=chosen, rejected=rejected, id=id,
                            source=path.stem, limit=limit, on_invalid=on_invalid)
 
@@ -244,7 +304,7 @@ def load_tldr(path: str | Path, limit: int | None = None, *, on_invalid: str = "
     are skipped and listed in the result's `.skipped`; `on_invalid="raise"`
     makes them errors.
     """
-    path = Path(path)
+    path = check_data_file(path)
 
     def generate():
         for i, row in enumerate(_read_json_rows(path)):
@@ -332,21 +392,55 @@ def load_tweets(
     is balanced to within one. Ids are the `textID`s.
     """
     path = Path(path)
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = _read_csv(path)
     missing = [c for c in ("textID", "text", "sentiment") if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; available: {list(df.columns)}")
+        raise InputError(f"{path}: missing column(s) {missing}; available: {list(df.columns)}")
     return _labelled_texts_to_pairs(df["textID"], df["text"], df["sentiment"], style, limit=limit, seed=seed,
-                                    balanced=balanced, template=template)
+                                    balanced=balanced, template=template, source=str(path))
 
 
-def _labelled_texts_to_pairs(ids, texts, labels, style: str, *, limit, seed, balanced, template) -> PairList:
-    """(id, text, label) rows -> sentiment pairs; neutral/other labels and empty texts dropped."""
-    rows = [(str(i), " ".join(str(t).split()), lab) for i, t, lab in zip(ids, texts, labels)]
-    rows = [r for r in rows if r[2] in LABELS and r[1]]
+SKIPPED_LABELS = ("neutral",)
+
+
+def _labelled_texts_to_pairs(ids, texts, labels, style: str, *, limit, seed, balanced, template,
+                             source: str = "data") -> PairList:
+    """(id, text, label) rows -> sentiment pairs.
+
+    Labels are read case-insensitively (``Positive`` = ``positive``). Neutral rows, empty texts
+    and, with ``balanced``, the surplus of the larger class are left out and listed in the result's
+    ``.skipped``. Any other label (``mixed``) raises `InputError` with the counts of each unknown
+    label, and so does a file with no positive/negative row at all: nothing is dropped silently.
+    """
+    if style not in STYLES:
+        raise InputError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    rows, skipped, unknown = [], [], {}
+    for i, t, lab in zip(ids, texts, labels):
+        pid, text, label = str(i), " ".join(str(t).split()), str(lab).strip().lower()
+        if label in SKIPPED_LABELS:
+            skipped.append((pid, f"{label} label"))
+        elif label not in LABELS:
+            unknown[str(lab)] = unknown.get(str(lab), 0) + 1
+        elif not text:
+            skipped.append((pid, "empty text"))
+        else:
+            rows.append((pid, text, label))
+    if unknown:
+        counts = ", ".join(f"{k!r} ({v} row{'s' * (v != 1)})" for k, v in
+                           sorted(unknown.items(), key=lambda kv: -kv[1])[:10])
+        raise InputError(f"{source}: unknown sentiment label(s) {counts}; valid (any case): "
+                         f"{', '.join(LABELS + SKIPPED_LABELS)} (neutral rows are skipped)")
     pos, neg = ([r for r in rows if r[2] == label] for label in LABELS)
-    rows = _balanced(pos, neg, seed=seed, balanced=balanced, limit=None)
-    return validate_pairs((sentiment_pair(t, x, lab, style, template) for t, x, lab in rows), limit=limit)
+    if not rows:
+        raise InputError(f"{source}: no positive or negative row ({len(skipped)} rows skipped: neutral or "
+                         "empty text); sentiment pairs need labelled texts")
+    kept = _balanced(pos, neg, seed=seed, balanced=balanced, limit=None)
+    if len(kept) < len(rows):
+        kept_ids = {r[0] for r in kept}
+        skipped += [(r[0], f"balancing: surplus {r[2]} row") for r in rows if r[0] not in kept_ids]
+    out = validate_pairs((sentiment_pair(t, x, lab, style, template) for t, x, lab in kept), limit=limit)
+    out.skipped[:0] = skipped
+    return out
 
 
 HF_PREFIX = "hf:"
@@ -386,7 +480,7 @@ def load_hf_sentiment(
     id_col = next((c for c in ("textID", "id") if c in cols), None)
     ids = ds[id_col] if id_col else [f"{name}:{split}-{i}" for i in range(len(ds))]
     return _labelled_texts_to_pairs(ids, ds[text], labels, style, limit=limit, seed=seed, balanced=balanced,
-                                    template=template)
+                                    template=template, source=spec)
 
 
 def builtin_sentiment_pairs(
@@ -418,8 +512,8 @@ def sentiment_pairs(
         return builtin_sentiment_pairs(style, n=limit, seed=seed, template=template)
     if str(source).startswith(HF_PREFIX):
         return load_hf_sentiment(str(source), style, limit=limit, seed=seed, template=template)
-    path = Path(source)
-    if path.suffix.lower() == ".csv" and {"textID", "text", "sentiment"} <= set(pd.read_csv(path, nrows=0).columns):
+    path = check_data_file(source)
+    if path.suffix.lower() == ".csv" and {"textID", "text", "sentiment"} <= set(_read_csv(path, nrows=0).columns):
         return load_tweets(path, style, limit=limit, seed=seed, template=template)
     return load_pairs(path, limit=limit)
 

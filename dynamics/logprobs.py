@@ -303,21 +303,48 @@ def reference_logprobs(model, pairs: TokenizedPairs, *, batch_size: int = 8,
     return pd.DataFrame(rows, columns=REF_COLUMNS)
 
 
+def model_fingerprint(model) -> str:
+    """A hash of a model's identity and every parameter and buffer (names, dtypes, shapes, values):
+    two models give the same reference log-probs only if their fingerprints agree."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        h.update(config.to_json_string(use_diff=False).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def cached_reference_logprobs(model, pairs: TokenizedPairs, path: str | Path, *,
-                              batch_size: int = 8) -> pd.DataFrame:
+                              batch_size: int = 8, context: object = None) -> pd.DataFrame:
     """`reference_logprobs`, read from / written to the Parquet file ``path``.
 
-    Rows whose token fingerprint matches are reused; missing or stale pairs are recomputed and
-    the file rewritten. Returns rows in the order of ``pairs``.
+    A cached row is reused only when both its token fingerprint (the pair's prompt and response
+    ids, hence tokenizer and truncation) and the cache key match; the key hashes
+    `model_fingerprint` (identity and all weights, so another model or the model after a
+    different SFT never reuses a cache) and ``context`` (anything else the values depend on,
+    given by the caller: model name, tokenizer, truncation, dtype, device). Missing or stale
+    rows are recomputed and the file rewritten atomically (stale rows dropped). Returns rows in
+    the order of ``pairs``.
     """
+    from dynamics.record import _atomic_write_bytes
+
     path = Path(path)
-    have = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=REF_COLUMNS)
+    key = hashlib.blake2b(f"{model_fingerprint(model)}|{context!r}".encode(), digest_size=16).hexdigest()
+    have = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=REF_COLUMNS + ["cache_key"])
+    if "cache_key" not in have:  # a cache from before keys: its model is unknown, never reuse it
+        have = have.iloc[:0].assign(cache_key=pd.Series(dtype=str))
     want = {pid: _fingerprint(w, l) for pid, w, l in zip(pairs.pair_ids, pairs.chosen, pairs.rejected)}
-    good = have[have["pair_id"].map(want) == have["fingerprint"]]
+    good = have[(have["pair_id"].map(want) == have["fingerprint"]) & (have["cache_key"] == key)]
     todo = [i for i, pid in enumerate(pairs.pair_ids) if pid not in set(good["pair_id"])]
-    if todo:
-        new = reference_logprobs(model, pairs.subset(todo), batch_size=batch_size)
-        good = pd.concat([good, new], ignore_index=True) if len(good) else new
+    if todo or len(good) != len(have):
+        if todo:
+            new = reference_logprobs(model, pairs.subset(todo), batch_size=batch_size).assign(cache_key=key)
+            good = pd.concat([good, new], ignore_index=True) if len(good) else new
         path.parent.mkdir(parents=True, exist_ok=True)
-        good.to_parquet(path, index=False)
-    return good.set_index("pair_id").loc[pairs.pair_ids].reset_index()
+        frame = good.reset_index(drop=True)
+        _atomic_write_bytes(path, lambda f: frame.to_parquet(f, index=False))
+    return good.drop(columns="cache_key").set_index("pair_id").loc[pairs.pair_ids].reset_index()

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dynamics.errors import InputError
+
 __all__ = [
-    "LOSSES", "LossSpec", "LossOutput", "register", "get_loss", "resolve_hyper",
+    "LOSSES", "LossSpec", "LossOutput", "register", "get_loss", "resolve_hyper", "check_hyper", "HYPER_RULES",
     "compute_loss", "closed_form_coefficients", "general_form_table", "format_loss_table",
 ]
 
@@ -94,18 +96,104 @@ def get_loss(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}") from None
+        raise InputError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}") from None
 
 
 def resolve_hyper(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults of loss ``name`` updated with ``overrides``; unknown keys raise ValueError."""
+    """Defaults of loss ``name`` updated with ``overrides``, validated by `check_hyper`.
+
+    Unknown keys, wrong types (a string β), non-finite numbers and values outside the loss's
+    valid range (`HYPER_RULES`) raise `dynamics.errors.InputError` (a ValueError) naming the
+    loss and the parameter. The trainer, the recorder and the callback all resolve through here.
+    """
+    if not isinstance(name, str):
+        raise InputError(f"loss must be a name (str), got {type(name).__name__} {name!r}")
     spec = get_loss(name)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise InputError(f"loss {name!r}: hyper-parameters must be a mapping (JSON object) like "
+                         f'{{"beta": 0.1}}, got {type(overrides).__name__} {overrides!r}')
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(spec.defaults))
+    unknown = sorted(set(overrides) - set(spec.defaults), key=str)
     if unknown:
-        raise ValueError(f"unknown hyper-parameter(s) {unknown} for loss {name!r}; "
+        raise InputError(f"unknown hyper-parameter(s) {unknown} for loss {name!r}; "
                          f"valid: {sorted(spec.defaults)}")
-    return {**spec.defaults, **overrides}
+    hp = {**spec.defaults, **overrides}
+    check_hyper(name, hp)
+    return hp
+
+
+@dataclass(frozen=True)
+class HyperRule:
+    """What values a hyper-parameter takes: a real number ``> low`` (``strict``) or ``>= low``,
+    or one of ``choices`` (strings)."""
+
+    low: float | None = None
+    strict: bool = True
+    choices: tuple[str, ...] = ()
+    why: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        if self.choices:
+            return None if isinstance(value, str) and value in self.choices else f"valid: {list(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {type(value).__name__} {value!r}"
+        if not math.isfinite(value):
+            return f"must be finite, got {value}"
+        if self.low is not None and (value <= self.low if self.strict else value < self.low):
+            return f"must be {'>' if self.strict else '>='} {self.low:g}, got {value}"
+        return None
+
+
+# Valid ranges. Seed 004, Table 2: "the constants in these objectives satisfy β, γ, δ, λ_w, λ_l > 0".
+# β > 0 everywhere (a temperature / KL strength: β ≤ 0 flips or removes the preference; IPO and SPPO
+# divide by it). Where a zero value is a documented special case we allow it: γ = 0 is SimPO without
+# target margin (Meng et al.'s ablation); λ = 0 switches a regularizer off (CPO → reference-free DPO,
+# DPOP → DPO, RRHF/SLiC → ranking only, ORPO → SFT); α = 0 is R-DPO → DPO. z_ref is β times a KL
+# estimate, which KTO clamps at 0, so z_ref >= 0. δ (the SLiC hinge margin) and λ_w, λ_l (KTO
+# weights) follow Table 2 strictly.
+_POSITIVE = HyperRule(0.0, strict=True)
+_NONNEG = HyperRule(0.0, strict=False)
+_NLL = HyperRule(choices=("sum", "mean"))
+HYPER_RULES: dict[str, dict[str, HyperRule]] = {
+    "dpo": {"beta": _POSITIVE},
+    "rdpo": {"beta": _POSITIVE, "alpha": _NONNEG, "variant": HyperRule(choices=("paper", "table2"))},
+    "simpo": {"beta": _POSITIVE, "gamma": _NONNEG},
+    "ipo": {"beta": _POSITIVE},
+    "ipo_avg": {"beta": _POSITIVE},
+    "rrhf": {"lam": _NONNEG, "nll": _NLL},
+    "slic": {"delta": _POSITIVE, "lam": _NONNEG, "nll": _NLL},
+    "cpo": {"beta": _POSITIVE, "lam": _NONNEG, "nll": _NLL},
+    "dpop": {"beta": _POSITIVE, "lam": _NONNEG, "variant": HyperRule(choices=("inside", "outside"))},
+    "kto": {"beta": _POSITIVE, "lam_w": _POSITIVE, "lam_l": _POSITIVE, "z_ref": _NONNEG},
+    "sppo": {"beta": _POSITIVE, "variant": HyperRule(choices=("hard", "table2"))},
+    "orpo": {"lam": _NONNEG},
+    "sft": {"nll": _NLL},
+}
+
+
+def check_hyper(name: str, hyper: Mapping[str, Any]) -> None:
+    """Raise `InputError` for a hyper-parameter of loss ``name`` outside its rule (`HYPER_RULES`).
+
+    A loss registered without rules gets a type check against its defaults: a number where the
+    default is a number (finite), a string where it is a string.
+    """
+    rules = HYPER_RULES.get(name, {})
+    defaults = LOSSES[name].defaults if name in LOSSES else {}
+    for key, value in hyper.items():
+        rule = rules.get(key)
+        if rule is None:
+            default = defaults.get(key)
+            if isinstance(default, str):
+                rule = HyperRule(choices=(value,) if isinstance(value, str) else (default,))
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+                rule = HyperRule()
+            else:
+                continue
+        problem = rule.problem(value)
+        if problem and rule.choices:
+            raise InputError(f"loss {name!r}: {key}={value!r}; {problem}")
+        if problem:
+            raise InputError(f"loss {name!r}: hyper-parameter {key} {problem}")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -73,6 +73,42 @@ def _eval(model):
         model.train(was)
 
 
+@contextlib.contextmanager
+def outside_autocast(model):
+    """Run ``model`` without mixed precision: the diagnostics do not depend on the trainer's precision.
+
+    Disables any ambient ``torch.autocast`` (CPU and CUDA) and, for a model prepared by accelerate
+    (transformers ``Trainer`` / TRL with ``bf16=True`` or ``fp16=True``), whose ``forward`` was
+    replaced by an autocast wrapper, temporarily restores the original ``forward``. Parameters are
+    used in their own dtype (float32 stays float32).
+    """
+    patched = []
+    for m in {id(x): x for x in (model, getattr(model, "module", None)) if x is not None}.values():
+        original = m.__dict__.get("_original_forward")
+        if original is not None and "forward" in m.__dict__:
+            patched.append((m, m.__dict__["forward"]))
+            m.forward = original
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            yield
+    finally:
+        for m, fwd in patched:
+            m.forward = fwd
+
+
+def _no_autocast(method):
+    """Decorator: run a `Recorder` method under `outside_autocast` of its model."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with outside_autocast(self.model):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Recorder:
     """Records the diagnostics of ``probe`` (B pairs) before and after optimizer updates.
 
@@ -107,6 +143,7 @@ class Recorder:
         return dict(lw=lw, ll=ll, lw_norm=out.chosen.logp_norm.double(), ll_norm=out.rejected.logp_norm.double(),
                     nw=nw, nl=nl, dtype=dtype)
 
+    @_no_autocast
     def before_update(self, step: int, lr: float | None = None) -> None:
         """Measure θ_s: log-probs, coefficients, gradient inner products, predictions; snapshot θ."""
         cfg = self.cfg
@@ -162,6 +199,7 @@ class Recorder:
                 for t, v in enumerate(tok)]
 
     # ------------------------------------------------------------------ after the update
+    @_no_autocast
     def after_update(self) -> dict[str, float]:
         """Measure θ_{s+1}; write the rows of step s. Returns scalar summaries for loggers."""
         if self._pending is None:
@@ -190,6 +228,7 @@ class Recorder:
                 "dyn/act_dl": float(df.act_dl.mean()), "dyn/upd_dw": float(df.upd_dw.mean()),
                 "dyn/frac_case2": float((df.case_obs == 2).mean())}
 
+    @_no_autocast
     def final(self, step: int) -> None:
         """Rows for the final state (log-probs only; no update follows)."""
         self._pending = None

@@ -151,6 +151,8 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from dynamics.models import native_bf16
+
     from dynamics.callbacks import DynamicsCallback
     from dynamics.data import builtin_sentiment_pairs
     from dynamics.models import tiny_model, tiny_tokenizer
@@ -164,7 +166,7 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     ds = dataset(train_pairs)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                      max_steps=4, logging_steps=1, report_to=[], learning_rate=1e-3, use_cpu=True,
-                     save_strategy="no", beta=0.1)
+                     save_strategy="no", beta=0.1, bf16=native_bf16("cpu"), fp16=False)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
                          eval_dataset=dataset(probe), processing_class=tok)
     cb = DynamicsCallback(probe, tmp_path / "dyn", every=2, loss="dpo", loss_params={"beta": 0.1}).attach(trainer)

@@ -160,11 +160,16 @@ def test_reference_logprobs_and_cache(tok, tmp_path):
     path = tmp_path / "ref.parquet"
     first = cached_reference_logprobs(model, tp.subset([0, 1]), path)
     assert len(pd.read_parquet(path)) == 2
-    # a changed model would give other numbers: the cache must be used for known pairs ...
-    other = tiny_model("neox", seed=5)
-    again = cached_reference_logprobs(other, tp, path)
+    # the same model reuses the cache for known pairs (only the two new pairs are computed) ...
+    again = cached_reference_logprobs(model, tp, path)
     assert again["ref_w"].iloc[:2].tolist() == first["ref_w"].tolist()
     assert again["pair_id"].tolist() == tp.pair_ids and len(pd.read_parquet(path)) == 4
+    # ... but another model (other weights) never reuses it: all recomputed, the cache replaced
+    other = tiny_model("neox", seed=5)
+    with torch.no_grad():
+        assert cached_reference_logprobs(other, tp, path)["ref_w"].tolist() == pytest.approx(
+            pair_logprobs(other, tp).chosen.logp.tolist(), rel=1e-6)
+    assert len(pd.read_parquet(path)) == 4
     # ... and a pair whose tokens changed is recomputed (stale fingerprint)
     changed = tokenize_pairs(tok, [P(0, "another prompt", " It has a positive sentiment.", " no")])
     fresh = cached_reference_logprobs(other, changed, path)

@@ -223,3 +223,26 @@ def test_eval_data_smaller_than_n_probe_is_an_error(tmp_path):
     cfg = TrainConfig(data=None, eval_data=str(tmp_path / "t.csv"), n_probe=2)
     with pytest.raises(ValueError, match="fewer than n_probe=2"):
         split_config_pairs(cfg)
+
+
+def test_existing_experiment_is_refused_then_moved_aside(tmp_path):
+    """A second `run_sentiment` into the same directory never mixes runs: refused (files untouched)
+    unless ``overwrite``, which moves the old experiment aside intact."""
+    import hashlib
+
+    from dynamics.errors import InputError
+
+    out = tmp_path / "exp"
+    kw = dict(model="tiny-gpt2", data="builtin", styles=("single_token",), overrides={**TINY, "steps": 2},
+              progress=False)
+    run_sentiment(out, **kw)
+    digest = lambda d: {p.relative_to(d): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(d.rglob("*")) if p.is_file()}
+    before = digest(out)
+    with pytest.raises(InputError, match="already holds an experiment"):
+        run_sentiment(out, **{**kw, "loss": "simpo"})
+    assert digest(out) == before
+    run_sentiment(out, **{**kw, "loss": "simpo"}, overwrite=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("exp.old-")]
+    assert len(aside) == 1 and digest(aside[0]) == before
+    assert json.loads((out / "config.json").read_text())["loss"] == "simpo"
