@@ -168,3 +168,23 @@ def plot_token_heatmap(cos, tokens_w, tokens_l, ax=None, *, title: str | None = 
         if title:
             ax.set_title(title)
     return fig
+
+
+def plot_whatif(whatif: pd.DataFrame, ax=None, *, labels: dict | None = None, title: str | None = None):
+    """What-if summary: for the same recorded gradients, the share of (step, pair) rows in which each
+    loss of the zoo predicts the chosen log-prob to rise (first-order, SGD form), one bar per loss.
+
+    ``whatif``: rows with ``loss`` and ``dlogp_w`` (a run's ``whatif.parquet``). Returns the Figure.
+    """
+    share = whatif.dropna(subset=["dlogp_w"]).groupby("loss")["dlogp_w"].apply(lambda d: float((d > 0).mean()))
+    share = share.sort_values()
+    names = [(labels or {}).get(n, n) for n in share.index]
+    with plt.rc_context(STYLE):
+        fig, ax = _axes(ax, size=(3.4, 0.22 * len(share) + 0.8))
+        ax.barh(names, share.values, color=[CHOSEN if v >= 0.5 else REJECTED for v in share.values])
+        ax.axvline(0.5, color="0.6", lw=0.6, ls="--")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(r"share of steps $\times$ pairs with predicted $\Delta\log\pi_w > 0$")
+        if title:
+            ax.set_title(title)
+    return fig

@@ -14,6 +14,7 @@ Sub-commands::
     dynamics trl-dpo                     TRL DPOTrainer + the dynamics callback (SmolLM2, offline)
     dynamics reproduce squeezing         toy softmax, digits and SmolLM2 squeezing-effect figures
     dynamics reproduce sentiment         seed 004 Figs. 3, 4a, 4b: three response styles, SFT + DPO
+    dynamics reproduce tldr              seed 004 Figs. 1, 2, 7 on TL;DR: nine losses, claims, what-if, heatmap
     dynamics plot RUN_DIR [--figure F]   regenerate a run's figures (or one: logprobs, dynamics, fig3, ...)
 """
 from __future__ import annotations
@@ -382,6 +383,8 @@ def cmd_trl_dpo(args) -> int:
 def cmd_reproduce(args) -> int:
     if args.what == "sentiment":
         return cmd_reproduce_sentiment(args)
+    if args.what == "tldr":
+        return cmd_reproduce_tldr(args)
     from analyses.learning_dynamics import reproduce_squeezing
 
     t0 = time.time()
@@ -399,14 +402,36 @@ def cmd_reproduce_sentiment(args) -> int:
     out = args.out or "runs/sentiment"
     run_sentiment(out, quick=args.quick, model=args.model, data=args.data, eval_data=args.eval_data,
                   loss=args.loss, styles=tuple(args.styles), seed=args.seed, overwrite=args.overwrite)
-    for p in write_figures(out, args.figures):
+    for p in write_figures(out, args.figures or "figures/sentiment"):
         print(f"wrote {p}")
     print(claims_markdown(claims(out)))
     print(f"{time.time() - t0:.0f} s")
     return 0
 
 
-PLOT_FIGURES = ("logprobs", "dynamics", "fig3", "fig4a", "fig4b")
+def cmd_reproduce_tldr(args) -> int:
+    from analyses.tldr import LOSSES, claims, claims_markdown, resolve_settings, run_tldr, write_figures
+
+    t0 = time.time()
+    out = args.out or "runs/tldr"
+    setting = "full" if args.full else "quick" if args.quick else "default"
+    if not args.figures_only:
+        s = resolve_settings(setting, lora_r=args.lora)
+        print(f"TL;DR, setting {setting}: {s['steps']} steps of {s['batch_size']} pairs, lr {s['lr']:g} "
+              f"({s['optimizer']}, {'LoRA r ' + str(s['lora_r']) if s.get('lora_r') else 'full fine-tuning'}), "
+              f"{s['n_train']} training / {s['n_probe']} evaluation pairs split by post, max length "
+              f"{s['max_length']} tokens (prompt cut from the left, responses never cut)", file=sys.stderr)
+        run_tldr(out, setting=setting, model=args.model, data=args.data, losses=tuple(args.losses or LOSSES),
+                 seed=args.seed, lora_r=args.lora, resume=args.resume, overwrite=args.overwrite)
+    for p in write_figures(out, args.figures or "figures/tldr"):
+        print(f"wrote {p}")
+    print(claims_markdown(claims(out)))
+    print(f"{time.time() - t0:.0f} s")
+    return 0
+
+
+PLOT_FIGURES = ("logprobs", "dynamics", "fig3", "fig4a", "fig4b", "fig1", "fig2", "fig7", "whatif", "heatmap")
+TLDR_FIGURES = ("fig1", "fig2", "fig7", "whatif", "heatmap")
 
 
 def cmd_plot(args) -> int:
@@ -417,6 +442,11 @@ def cmd_plot(args) -> int:
         from analyses.sentiment import make_figure, save_with_config
 
         paths = save_with_config(make_figure(run_dir, args.figure), run_dir / args.figure, run_dir)
+    elif args.figure in TLDR_FIGURES:
+        from analyses.sentiment import save_with_config
+        from analyses.tldr import make_figure as make_tldr_figure
+
+        paths = save_with_config(make_tldr_figure(run_dir, args.figure), run_dir / args.figure, run_dir)
     else:
         from analyses.plots import plot_dynamics_panel, plot_logprobs, save_figure
         from dynamics.record import read_table
@@ -613,14 +643,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/trl_dpo")
     p.set_defaults(func=cmd_trl_dpo)
 
-    p = sub.add_parser("reproduce", help="reproduce a paper experiment: squeezing, sentiment")
-    p.add_argument("what", choices=["squeezing", "sentiment"])
+    p = sub.add_parser("reproduce", help="reproduce a paper experiment: squeezing, sentiment, tldr")
+    p.add_argument("what", choices=["squeezing", "sentiment", "tldr"])
     p.add_argument("--quick", action="store_true", help="small settings (minutes)")
     p.add_argument("--overwrite", action="store_true", help="sentiment: OUT holds an earlier experiment: move "
                    "it aside to OUT.old-<time> (nothing is deleted)")
     p.add_argument("--no-llm", action="store_true", help="squeezing: toy and digits only (seconds)")
-    p.add_argument("--out", default=None, help="squeezing: figures/squeezing; sentiment: runs/sentiment (runs)")
-    p.add_argument("--figures", default="figures/sentiment", help="sentiment: figure directory")
+    p.add_argument("--out", default=None, help="squeezing: figures/squeezing; sentiment: runs/sentiment, tldr: runs/tldr (runs)")
+    p.add_argument("--figures", default=None, help="figure directory (default: figures/sentiment, figures/tldr)")
+    p.add_argument("--full", action="store_true", help="tldr: the paper's set-up (LoRA 64, lr 5e-6, one epoch; a GPU)")
+    p.add_argument("--lora", type=int, default=None, help="tldr: LoRA rank (default: full fine-tuning)")
+    p.add_argument("--losses", nargs="+", default=None, help="tldr: losses to run (default: the paper's nine)")
+    p.add_argument("--resume", action="store_true", help="tldr: continue an interrupted experiment in OUT")
+    p.add_argument("--figures-only", action="store_true", help="tldr: redraw the figures and claims from OUT")
     p.add_argument("--model", default="smollm2-135m", help="sentiment: model (offline SmolLM2, a hub id or path)")
     p.add_argument("--data", default=None, help="sentiment: tweets CSV or pairs file (default: the shared "
                    "tweets when present, else the built-in statements; 'builtin': always those)")
