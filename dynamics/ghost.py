@@ -2,7 +2,7 @@
 
 Every parameter use in a network is a sum of outer products. A linear layer ``y = W x`` used at
 positions τ of item i contributes ``g_i = Σ_τ b_iτ ⊗ a_iτ`` to ``∇W`` (``a``: input, ``b``:
-gradient of the output). Hence (DESIGN.md, "Fast exact gradient inner products")::
+gradient of the output). Hence (docs/math.md §6.1; the cost choice in §6.2)::
 
     ⟨g_i, g_j⟩ = Σ_{τ,σ} (a_iτ·a_jσ) (b_iτ·b_jσ)                  cost T_i T_j (d_in + d_out)
 

@@ -6,7 +6,7 @@ under the frozen reference model; ``|y_w|, |y_l|`` = number of response tokens (
 ``avg = log π / |y|``. Every loss function returns the per-pair quantity that is *minimized*.
 
 Seed 004 writes the general margin loss (eq. 8) as ``ℓ = -(m(h_w(lw) - h_l(ll)) + Λ(lw))``
-and defines the coefficients (DESIGN.md sign convention)::
+and defines the coefficients (docs/math.md §2, whose table §2.1 lists every loss)::
 
     d_w = ∂(-ℓ)/∂lw,   d_l = ∂ℓ/∂ll,   so that   ∇_θ ℓ = -(d_w ∇lw - d_l ∇ll).
 
