@@ -1,7 +1,7 @@
 """Learning dynamics on the real model (seed 000): SFT, then DPO, with the probe set recorded.
 
 `run_llm_squeezing` trains SmolLM2-135M (offline) on the built-in sentiment statements with
-`dynamics.train` and ``probes=True``: every ``eval_every`` steps the log-probs of y⁺, y⁻, y*,
+`dynamics.runs.train` and ``probes=True``: every ``eval_every`` steps the log-probs of y⁺, y⁻, y*,
 the greedy decode, another prompt's response, shuffled and non-human text, plus the argmax
 mass and entropy, go to ``probes.parquet``. `plot_probe_curves` draws them EMA-smoothed as in
 the paper; `squeezing_summary` gives the numbers the note quotes.
@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analyses.plots import CHOSEN, REJECTED, STYLE, _axes, save_figure
+from dynamics.tools.plots import CHOSEN, REJECTED, STYLE, new_axes, save_figure
 
 PROBE_COLORS = {"chosen": CHOSEN, "rejected": REJECTED, "argmax_teacher": "#1b7837", "greedy": "#762a83",
                 "other_chosen": "#e08214", "held_out_chosen": "#8c510a", "chosen_shuffled": "#878787",
@@ -21,8 +21,8 @@ PROBE_COLORS = {"chosen": CHOSEN, "rejected": REJECTED, "argmax_teacher": "#1b78
 
 
 def run_llm_squeezing(out: str | Path, *, quick: bool = True, model: str = "smollm2-135m", seed: int = 0):
-    """SFT then DPO with probes recorded; returns the run directory (`dynamics.record.RunDir`)."""
-    from dynamics.train import TrainConfig, train
+    """SFT then DPO with probes recorded; returns the run directory (`dynamics.runs.rundir.RunDir`)."""
+    from dynamics.runs.train import TrainConfig, train
 
     cfg = TrainConfig(out=str(out), model=model, style="long_suffix", loss="dpo", sft_steps=16 if quick else 40,
                       sft_lr=2e-5, steps=24 if quick else 80, batch_size=4, lr=5e-6 if quick else 5e-6,

@@ -13,14 +13,10 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from dynamics import conditions
-from dynamics.grads import pair_inner_products, select_params
-from dynamics.logprobs import TokenizedPairs, pair_logprobs
-from dynamics.losses import compute_loss, resolve_hyper
-
-
-def _snapshot(params):
-    return {n: p.detach().clone() for n, p in params.items()}
+from dynamics.core import conditions
+from dynamics.core.analyzer import Analyzer
+from dynamics.core.logprobs import TokenizedPairs, pair_logprobs
+from dynamics.core.losses import compute_loss, resolve_hyper
 
 
 def _restore(params, snap):
@@ -44,7 +40,8 @@ def sgd_self_step(model, pairs: TokenizedPairs, lrs=(1e-6, 1e-5, 1e-4), *, loss:
     with it ``d_w, d_l``, can be set away from zero). The model is restored after every step.
     """
     hyper = resolve_hyper(loss, hyper)
-    params = select_params(model, "trainable")
+    an = Analyzer(model, pairs.pad_id, params="trainable", impl=impl)
+    params = an.params
     model.eval()
     rows = []
     for k in range(len(pairs)):
@@ -52,8 +49,8 @@ def sgd_self_step(model, pairs: TokenizedPairs, lrs=(1e-6, 1e-5, 1e-4), *, loss:
         with torch.no_grad():
             out0 = pair_logprobs(model, pair)
         ref = (out0.chosen.logp - ref_offset[0], out0.rejected.logp - ref_offset[1])
-        ip = pair_inner_products(model, pair, params=params, impl=impl)
-        snap = _snapshot(params)
+        ip = an.pair_inner_products(pair)
+        snap = an.snapshot()
         for lr in lrs:
             model.zero_grad(set_to_none=True)
             out, lo = _loss(model, pair, loss, hyper, ref)
@@ -86,8 +83,9 @@ def adamw_steps(model, train: TokenizedPairs, probe: TokenizedPairs, *, steps: i
     The model's trainable parameters are restored at the end.
     """
     hyper = resolve_hyper(loss, hyper)
-    params = select_params(model, "trainable")
-    snap0 = _snapshot(params)
+    an = Analyzer(model, probe.pad_id, params="trainable", impl=impl)
+    params = an.params
+    snap0 = an.snapshot()
     model.eval()
     with torch.no_grad():
         o_tr, o_pr = pair_logprobs(model, train), pair_logprobs(model, probe)
@@ -98,15 +96,14 @@ def adamw_steps(model, train: TokenizedPairs, probe: TokenizedPairs, *, steps: i
         idx = [(step * batch_size + i) % len(train) for i in range(batch_size)]
         with torch.no_grad():
             before, lo_p = _loss(model, probe, loss, hyper, ref_pr)
-        ip = pair_inner_products(model, probe, params=params, impl=impl)
+        ip = an.pair_inner_products(probe)
         pred = conditions.predict(lo_p.d_w, lo_p.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
-        snap = _snapshot(params)
+        snap = an.snapshot()
         opt.zero_grad(set_to_none=True)
         _, lo = _loss(model, train.subset(idx), loss, hyper, (ref_tr[0][idx], ref_tr[1][idx]))
         lo.loss.mean().backward()
         opt.step()
-        delta = {n: params[n].detach() - snap[n] for n in params}
-        upd = conditions.update_prediction(model, probe.chosen + probe.rejected, probe.pad_id, delta, params)
+        upd = an.update_effects(probe.chosen + probe.rejected, an.delta(snap))
         with torch.no_grad():
             after = pair_logprobs(model, probe)
         B = len(probe)

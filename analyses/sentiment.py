@@ -1,7 +1,7 @@
 """Seed 004, section 4.2: DPO on the sentiment task with three response styles.
 
 `run_sentiment` writes the data: for each style (single token, short suffix, long suffix) one
-`dynamics.train` run (SFT on prompt + correct response, then DPO) into ``out/<style>/``, the
+`dynamics.runs.train` run (SFT on prompt + correct response, then DPO) into ``out/<style>/``, the
 settings in ``out/config.json`` and every run's records in ``out/records.parquet`` with a
 ``style`` column. `claims` reads those files back and computes the numbers behind the four
 claims of section 4.2; `write_figures` draws Figures 3, 4a and 4b (PNG + PDF + a JSON sidecar
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.plots import plot_cosine, plot_fig3, plot_token_heatmap, save_figure
-from dynamics.record import RunDir, read_table, to_jsonable
+from dynamics.tools.plots import plot_cosine, plot_fig3, plot_token_heatmap, save_figure
+from dynamics.runs.rundir import RunDir, read_table, to_jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 STYLE_ORDER = ("single_token", "short_suffix", "long_suffix")
@@ -37,7 +37,7 @@ FIGURES = ("fig3", "fig4a", "fig4b")
 
 def resolve_data(data: str | Path | None) -> str | None:
     """``data`` if given; else the shared tweets CSV when present; else None (built-in statements)."""
-    from dynamics.data import default_tweets_path
+    from dynamics.inputs.data import default_tweets_path
 
     if data == BUILTIN:
         return None
@@ -74,10 +74,10 @@ def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-
     ``overwrite``: ``out`` holds an earlier experiment: move it aside (``out.old-<time>``) instead
     of refusing. Every configuration is validated before anything is written or moved.
     """
-    from dynamics.data import STYLES
+    from dynamics.inputs.data import STYLES
     from dynamics.errors import InputError
-    from dynamics.record import move_aside, out_dir_state
-    from dynamics.train import TrainConfig, train
+    from dynamics.runs.rundir import move_aside, out_dir_state
+    from dynamics.runs.train import TrainConfig, train
 
     unknown = [s for s in styles if s not in STYLES]
     if unknown:

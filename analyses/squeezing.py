@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch.func import functional_call, grad, vmap
 
-from analyses.plots import CHOSEN, REJECTED, STYLE, save_figure
+from dynamics.tools.plots import CHOSEN, REJECTED, STYLE, save_figure
 
 DTYPE = torch.float64
 SIGNS = {"positive": 1.0, "negative": -1.0}

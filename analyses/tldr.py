@@ -2,7 +2,7 @@
 
 `run_tldr` splits the comparisons by post (no post is in both training and evaluation), then
 trains each of the nine losses of the paper's Figure 2 from the same model on the same training
-pairs through `dynamics.train.train`, with the same evaluation pairs as probes, into
+pairs through `dynamics.runs.train.train`, with the same evaluation pairs as probes, into
 ``out/<loss>/``; ``out/config.json`` is the index (settings, split, one entry per loss) and
 ``out/records.parquet`` holds every run's probe records (the ``loss`` column tells them apart).
 `claims` reads those files back and states whether each of the issue's six claims held;
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.plots import (CHOSEN, REJECTED, STYLE, plot_cosine, plot_logprobs, plot_token_heatmap,
+from dynamics.tools.plots import (CHOSEN, REJECTED, STYLE, plot_cosine, plot_logprobs, plot_token_heatmap,
                             plot_whatif, save_figure)
 from analyses.sentiment import load_token_gram, save_with_config
 from dynamics.errors import InputError
-from dynamics.record import RunDir, move_aside, out_dir_state, read_table, to_jsonable
+from dynamics.runs.rundir import RunDir, move_aside, out_dir_state, read_table, to_jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,10 +70,10 @@ FIGURES = ("fig1", "fig2", "fig7", "whatif", "heatmap")
 
 
 def load_comparisons(data: str | Path | None):
-    """The comparisons: a file in the OpenAI comparisons format (`dynamics.data.load_tldr`), a
+    """The comparisons: a file in the OpenAI comparisons format (`dynamics.inputs.data.load_tldr`), a
     pairs file, ``hf:NAME[:SPLIT]`` / ``CarperAI/openai_summarize_comparisons`` (network), or None:
     ``../shared/data/tldr/batch13.json``."""
-    from dynamics import data as data_mod
+    from dynamics.inputs import data as data_mod
 
     if data is None:
         data = data_mod.default_tldr_path(ROOT)
@@ -154,8 +154,8 @@ def run_tldr(out: str | Path, *, setting: str = "default", model: str = "smollm2
     run moved aside). ``overwrite``: move an existing experiment in ``out`` aside first.
     Everything is validated before anything is written.
     """
-    from dynamics.losses import get_loss
-    from dynamics.train import TrainConfig, train
+    from dynamics.core.losses import get_loss
+    from dynamics.runs.train import TrainConfig, train
 
     for name in losses:
         get_loss(name)
@@ -188,7 +188,7 @@ def run_tldr(out: str | Path, *, setting: str = "default", model: str = "smollm2
     elif resume:
         raise InputError(f"--resume: {out} holds no experiment to resume")
     top = RunDir(out)
-    from dynamics.data import save_pairs
+    from dynamics.inputs.data import save_pairs
     (out / "data").mkdir(exist_ok=True)
     train_file, eval_file = save_pairs(train_pairs, out / "data" / "train.jsonl"), save_pairs(eval_pairs, out / "data" / "eval.jsonl")
     top.write_config(config)

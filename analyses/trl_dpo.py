@@ -1,6 +1,6 @@
-"""A DPO run with TRL's ``DPOTrainer`` instrumented by `dynamics.callbacks.DynamicsCallback`.
+"""A DPO run with TRL's ``DPOTrainer`` instrumented by `dynamics.runs.callbacks.DynamicsCallback`.
 
-The offline SmolLM2-135M (or any model `dynamics.models.load_model` knows) on sentiment pairs
+The offline SmolLM2-135M (or any model `dynamics.inputs.models.load_model` knows) on sentiment pairs
 (built-in statements, or the tweets CSV), reference = a frozen copy of the initial policy,
 AdamW at the paper's learning rate. Writes the callback's run directory to ``out``.
 """
@@ -21,9 +21,9 @@ def run_trl_dpo(out: str | Path, *, model_name: str = "smollm2-135m", data: str 
     except ImportError as e:
         raise ImportError("TRL is not installed: pip install -e '.[trl]'") from e
 
-    from dynamics import data as data_mod
-    from dynamics.callbacks import DynamicsCallback
-    from dynamics.models import load_model, native_bf16, precision_name
+    from dynamics.inputs import data as data_mod
+    from dynamics.runs.callbacks import DynamicsCallback
+    from dynamics.inputs.models import load_model, native_bf16, precision_name
 
     out = Path(out)
     # bf16 autocast only where the CPU computes bfloat16 natively (AVX512-BF16 / AMX): elsewhere it is

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynamics.cli import main
+from analyses.cli import main
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -153,7 +153,7 @@ def test_sentiment_labels_any_case_and_skips_counted(tmp_path, capsys):
 
 
 def test_gguf_check_accepts_a_complete_file(tmp_path):
-    from dynamics.models import check_gguf
+    from dynamics.inputs.models import check_gguf
 
     name = b"w"
     header = (b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + struct.pack("<Q", len(name)) + name
@@ -165,7 +165,7 @@ def test_gguf_check_accepts_a_complete_file(tmp_path):
 
 # ----------------------------------------------------------------------------- §5 precision
 def test_native_bf16_follows_the_hardware():
-    from dynamics.models import cpu_flags, native_bf16
+    from dynamics.inputs.models import cpu_flags, native_bf16
 
     cap = torch.backends.cpu.get_cpu_capability()
     want = cap.upper().startswith("AVX512") and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
@@ -178,11 +178,11 @@ def test_diagnostics_do_not_depend_on_autocast(tmp_path):
     (ambient, and accelerate-style patched forward) as without it."""
     import types
 
-    from dynamics.data import builtin_sentiment_pairs
-    from dynamics.logprobs import pair_logprobs, reference_logprobs, tokenize_pairs
-    from dynamics.models import tiny_model, tiny_tokenizer
-    from dynamics.record import RunDir
-    from dynamics.recorder import Recorder, RecorderConfig
+    from dynamics.inputs.data import builtin_sentiment_pairs
+    from dynamics.core.logprobs import pair_logprobs, reference_logprobs, tokenize_pairs
+    from dynamics.inputs.models import tiny_model, tiny_tokenizer
+    from dynamics.runs.rundir import RunDir
+    from dynamics.runs.recorder import Recorder, RecorderConfig
 
     tok, model = tiny_tokenizer(), tiny_model("llama", seed=1)
     probe = tokenize_pairs(tok, builtin_sentiment_pairs("short_suffix", n=3))
@@ -196,7 +196,7 @@ def test_diagnostics_do_not_depend_on_autocast(tmp_path):
             rec.after_update()  # no update in between: act_dw = 0
         return rec.run.path
 
-    from dynamics.record import read_table
+    from dynamics.runs.rundir import read_table
 
     base = read_table(record("fp32", torch.autocast("cpu", enabled=False)), "records")
     amb = read_table(record("ambient", torch.autocast("cpu", dtype=torch.bfloat16)), "records")

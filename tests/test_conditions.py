@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama as llama_mod
 
-from dynamics.conditions import (CASES, case, first_difference, pair_token_decomposition, param_delta, predict,
+from dynamics.core.conditions import (CASES, case, first_difference, pair_token_decomposition, param_delta, predict,
                                  snapshot_params, summarize, token_decomposition, token_predictions,
                                  update_prediction, what_if)
-from dynamics.grads import flat_grads, pair_inner_products, select_params
-from dynamics.logprobs import pair_logprobs, sequence_logprobs, tokenize_pairs
-from dynamics.losses import LOSSES, compute_loss
-from dynamics.models import tiny_model, tiny_tokenizer
+from dynamics.core.grads import flat_grads, pair_inner_products, select_params
+from dynamics.core.logprobs import pair_logprobs, sequence_logprobs, tokenize_pairs
+from dynamics.core.losses import LOSSES, compute_loss
+from dynamics.inputs.models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("float64_exact")
 

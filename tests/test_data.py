@@ -1,4 +1,4 @@
-"""Tests for dynamics.data: loaders, validation, sentiment styles, quality summary."""
+"""Tests for dynamics.inputs.data: loaders, validation, sentiment styles, quality summary."""
 import json
 import math
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dynamics import data, statements
-from dynamics.data import PreferencePair
+from dynamics.inputs import data, statements
+from dynamics.inputs.data import PreferencePair
 
 SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 

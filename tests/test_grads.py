@@ -14,10 +14,11 @@ import torch
 from transformers.models.gpt_neox import modeling_gpt_neox as neox_mod
 from transformers.models.llama import modeling_llama as llama_mod
 
-from dynamics.grads import (IMPLS, TokenGram, flat_grads, make_gram_fn, pair_inner_products, select_params,
+from dynamics.core.analyzer import Analyzer
+from dynamics.core.grads import (IMPLS, TokenGram, flat_grads, pair_inner_products, select_params,
                             sentence_gram, token_gram)
-from dynamics.logprobs import tokenize_pairs, tokenize_response
-from dynamics.models import TINY_ARCHS, tiny_model, tiny_tokenizer
+from dynamics.core.logprobs import tokenize_pairs, tokenize_response
+from dynamics.inputs.models import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("float64_exact")
 
@@ -232,24 +233,13 @@ def test_theorem1_single_token(tok, M, impl):
 
 # ------------------------------------------------------------------ errors and small pieces
 
-def test_unknown_impl_and_level(seqs):
+def test_unknown_impl(seqs):
     model = tiny_model("gpt2", dtype=torch.float64)
     for call in (lambda: sentence_gram(model, seqs, 0, impl="jax"),
                  lambda: token_gram(model, seqs[0], seqs[1], 0, impl="jax"),
-                 lambda: make_gram_fn(model, 0, impl="jax")):
+                 lambda: Analyzer(model, 0, impl="jax")):
         with pytest.raises(ValueError, match="unknown impl 'jax'; known: " + ", ".join(IMPLS)):
             call()
-    with pytest.raises(ValueError, match="unknown level 'word'; known: sentence, token"):
-        make_gram_fn(model, 0, level="word")
-
-
-def test_make_gram_fn(seqs):
-    model = tiny_model("neox", dtype=torch.float64)
-    sent = make_gram_fn(model, 0, level="sentence", params=["lm_head"], impl="func")
-    tokf = make_gram_fn(model, 0, level="token", params=["lm_head"], impl="func")
-    G = sent(seqs[:2])
-    assert_rel(G, sentence_gram(model, seqs[:2], 0, params=["lm_head"], impl="autograd"))
-    assert abs(tokf(seqs[0], seqs[1]).M.sum() - G[0, 1]) <= TOL * G.abs().max()
 
 
 def test_token_gram_cos_zero_norm():

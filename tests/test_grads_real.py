@@ -7,16 +7,16 @@ gradients), so it gets a looser bound — measured, not assumed (see the issue n
 import pytest
 import torch
 
-from dynamics.data import builtin_sentiment_pairs
-from dynamics.grads import pair_inner_products, sentence_gram, token_gram
-from dynamics.logprobs import tokenize_pairs
+from dynamics.inputs.data import builtin_sentiment_pairs
+from dynamics.core.grads import pair_inner_products, sentence_gram, token_gram
+from dynamics.core.logprobs import tokenize_pairs
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2_64():
-    from dynamics.models import load_model
+    from dynamics.inputs.models import load_model
     return load_model("smollm2-135m", dtype=torch.float64)
 
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dynamics.losses import LOSSES
-from dynamics.record import read_table
-from dynamics.train import TrainConfig, train
+from dynamics.core.losses import LOSSES
+from dynamics.runs.rundir import read_table
+from dynamics.runs.train import TrainConfig, train
 
 DIAG_COLUMNS = {"ip_wl", "sq_w", "sq_l", "cos_wl", "pred_dw", "pred_dl", "thr_w", "thr_l", "case_pred",
                 "upd_dw", "upd_dl", "act_dw", "act_dl", "case_obs"}
@@ -57,12 +57,12 @@ def test_records_have_diagnostics_and_first_order_predictions(tmp_path):
 
 def test_sgd_self_step_prediction_matches_reality(tmp_path):
     """A step on the probe pairs themselves: predicted (seed 004 eq. 5) vs actual, error O(η)."""
-    from dynamics import conditions
-    from dynamics.grads import pair_inner_products
-    from dynamics.logprobs import pair_logprobs, tokenize_pairs
-    from dynamics.data import builtin_sentiment_pairs
-    from dynamics.losses import compute_loss
-    from dynamics.models import load_model
+    from dynamics.core import conditions
+    from dynamics.core.grads import pair_inner_products
+    from dynamics.core.logprobs import pair_logprobs, tokenize_pairs
+    from dynamics.inputs.data import builtin_sentiment_pairs
+    from dynamics.core.losses import compute_loss
+    from dynamics.inputs.models import load_model
 
     model, tok = load_model("tiny-neox", dtype=torch.float64)
     tp = tokenize_pairs(tok, builtin_sentiment_pairs("short_suffix", n=1))
@@ -92,8 +92,8 @@ def test_sgd_self_step_prediction_matches_reality(tmp_path):
 _BLOCKING_CHILD = """
 import sys, time
 from pathlib import Path
-from dynamics.record import RunDir
-from dynamics.cli import main
+from dynamics.runs.rundir import RunDir
+from analyses.cli import main
 flag, kill_at = Path(sys.argv[1]), int(sys.argv[2])
 append = RunDir.append
 def blocking_append(self, name, rows):
@@ -115,7 +115,7 @@ def test_resume_after_sigkill(tmp_path):
            "--n-probe", "4", "--steps", "40", "--batch-size", "4", "--eval-every", "1", "--save-every", "3",
            "--lr", "1e-3", "--optimizer", "sgd", "--dtype", "float64", "--token-pairs", "0", "--no-whatif",
            "--no-progress", "--out", str(out)]
-    args = [sys.executable, "-m", "dynamics.cli"] + cli
+    args = [sys.executable, "-m", "analyses.cli"] + cli
     flag = tmp_path / "blocked"
     log = tmp_path / "child.log"
     with open(log, "wb") as err:      # a file, not a pipe: a full pipe would block the child
@@ -151,11 +151,11 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from dynamics.models import native_bf16
+    from dynamics.inputs.models import native_bf16
 
-    from dynamics.callbacks import DynamicsCallback
-    from dynamics.data import builtin_sentiment_pairs
-    from dynamics.models import tiny_model, tiny_tokenizer
+    from dynamics.runs.callbacks import DynamicsCallback
+    from dynamics.inputs.data import builtin_sentiment_pairs
+    from dynamics.inputs.models import tiny_model, tiny_tokenizer
 
     tok, model = tiny_tokenizer(), tiny_model("llama", seed=0)
     pairs = builtin_sentiment_pairs("short_suffix", n=20)
@@ -188,7 +188,7 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
 
 
 def test_cli_predict_check(tmp_path, capsys):
-    from dynamics.cli import main
+    from analyses.cli import main
 
     out = tmp_path / "pc"
     assert main(["predict-check", "--model", "tiny-llama", "--pairs", "2", "--limit", "10", "--adam-steps", "1",

@@ -11,10 +11,10 @@ import torch
 from transformers.models.gpt_neox import modeling_gpt_neox as neox_mod
 from transformers.models.llama import modeling_llama as llama_mod
 
-from dynamics.grads import _resolve_params, flat_grads, sentence_gram, token_flat_grads, token_gram
-from dynamics.kernels import akg_prediction, akg_residual, logit_ntk, logprob_kernel, vocab_subset
-from dynamics.logprobs import TokenizedSequence, body_and_head
-from dynamics.models import TINY_ARCHS, tiny_model
+from dynamics.core.grads import resolve_params, flat_grads, sentence_gram, token_flat_grads, token_gram
+from dynamics.core.kernels import akg_prediction, akg_residual, logit_ntk, logprob_kernel, vocab_subset
+from dynamics.core.logprobs import TokenizedSequence, body_and_head
+from dynamics.inputs.models import TINY_ARCHS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("float64_exact")
 
@@ -47,7 +47,7 @@ def assert_rel(a, b, tol=TOL):
 
 def oracle_logit_jacobian(model, seq, pos, vocab=None):
     """(S, P) rows ∂z[v]/∂θ at the row predicting response token ``pos``: one autograd.grad per v."""
-    ps = list(_resolve_params(model, "all").values())
+    ps = list(resolve_params(model, "all").values())
     ids = torch.tensor([seq.prompt_ids + seq.response_ids])
     z = model(input_ids=ids).logits[0, len(seq.prompt_ids) + pos - 1]            # (V,)
     vs = range(z.shape[0]) if vocab is None else vocab.tolist()

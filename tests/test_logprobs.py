@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dynamics.logprobs import (cached_reference_logprobs, pair_logprobs, reference_logprobs,
+from dynamics.runs.rundir import cached_reference_logprobs
+from dynamics.core.logprobs import (pair_logprobs, reference_logprobs,
                                sequence_logprobs, tokenize_pairs, tokenize_response)
-from dynamics.models import TINY_ARCHS, tiny_model, tiny_tokenizer
+from dynamics.inputs.models import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 from toys import Bigram, CharTok
 
@@ -125,7 +126,9 @@ def test_errors_name_the_problem(tok):
     with pytest.raises(ValueError, match="identical"):
         tokenize_pairs(tok, [P(0, "x", " same", " same")])
     with pytest.raises(ValueError, match="max_length"):
-        tokenize_pairs(tok, [P(0, "a long prompt with many words", " yes", " no")], max_length=4)
+        tokenize_pairs(tok, [P(0, "a long prompt with many words", " yes", " no")], max_length=4, truncation="error")
+    with pytest.raises(ValueError, match="responses are never cut"):  # auto: the prompt only is cut
+        tokenize_pairs(tok, [P(0, "a prompt", " a response of several words", " no")], max_length=2)
     with pytest.raises(ValueError, match="unknown truncation"):
         tokenize_pairs(tok, PAIRS, truncation="cut")
     notok = tiny_tokenizer()
@@ -145,6 +148,9 @@ def test_prompt_left_truncation_is_recorded_and_keeps_response(tok):
     assert cut.chosen[0].n_prompt_truncated == 3
     assert cut.chosen[0].response_ids == full.chosen[0].response_ids
     assert cut.chosen[0].prompt_ids == full.chosen[0].prompt_ids[3:]
+    auto = tokenize_pairs(tok, [PAIRS[1]], max_length=n - 3)                       # "auto" with a limit
+    assert auto.truncation == "prompt_left" and auto.chosen[0] == cut.chosen[0]
+    assert tokenize_pairs(tok, [PAIRS[1]]).truncation == "error"                    # "auto" without one
     with pytest.raises(ValueError, match="never cut"):
         tokenize_pairs(tok, [PAIRS[2]], max_length=5, truncation="prompt_left")
 

@@ -1,4 +1,4 @@
-"""Tests for dynamics.losses: hand-computed values, finite differences, closed forms, TRL oracles."""
+"""Tests for dynamics.core.losses: hand-computed values, finite differences, closed forms, TRL oracles."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dynamics.losses import (
+from dynamics.core.losses import (
     LOSSES, _CLOSED_FORMS, closed_form_coefficients, compute_loss, general_form_table,
     get_loss, register, resolve_hyper,
 )

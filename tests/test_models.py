@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dynamics.logprobs import pair_logprobs, tokenize_pairs
-from dynamics.models import TINY_ARCHS, load_model, tiny_model, tiny_tokenizer
+from dynamics.core.logprobs import pair_logprobs, tokenize_pairs
+from dynamics.inputs.models import TINY_ARCHS, load_model, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

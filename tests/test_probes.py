@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dynamics.data import PreferencePair
-from dynamics.logprobs import sequence_logprobs, tokenize_response
-from dynamics.models import tiny_model, tiny_tokenizer
-from dynamics.probes import METRICS, Probe, model_probes, probe_metrics, probe_set
+from dynamics.inputs.data import PreferencePair
+from dynamics.core.logprobs import sequence_logprobs, tokenize_response
+from dynamics.inputs.models import tiny_model, tiny_tokenizer
+from dynamics.core.probes import METRICS, Probe, model_probes, probe_metrics, probe_set
 
 from toys import Bigram, CharTok
 

@@ -21,14 +21,15 @@ import pandas as pd
 import pytest
 import torch
 
-import dynamics.record as record_mod
-import dynamics.train as train_mod
-from dynamics.cli import main
+import dynamics.runs.rundir as record_mod
+import dynamics.runs.train as train_mod
+from analyses.cli import main
 from dynamics.errors import InputError
-from dynamics.logprobs import cached_reference_logprobs, tokenize_pairs
-from dynamics.models import tiny_model
-from dynamics.record import DiskFullError, RunDir, read_table
-from dynamics.train import RunInterrupted, TrainConfig, train
+from dynamics.core.logprobs import tokenize_pairs
+from dynamics.runs.rundir import cached_reference_logprobs
+from dynamics.inputs.models import tiny_model
+from dynamics.runs.rundir import DiskFullError, RunDir, read_table
+from dynamics.runs.train import RunInterrupted, TrainConfig, train
 
 BASE = dict(model="tiny-gpt2", n_pairs=12, n_probe=2, steps=2, batch_size=2, eval_every=1, lr=1e-2,
             whatif=False, token_pairs=0, save_every=1, progress=False)
@@ -152,8 +153,8 @@ def test_bad_data_writes_nothing(dpo_run, tmp_path):
 
 
 def test_reference_cache_keyed_on_weights_and_context(tmp_path):
-    from dynamics.data import sentiment_pairs
-    from dynamics.models import load_model
+    from dynamics.inputs.data import sentiment_pairs
+    from dynamics.inputs.models import load_model
 
     _, tok = load_model("tiny-gpt2")
     tp = tokenize_pairs(tok, sentiment_pairs(None, "long_suffix", limit=4, seed=0))
@@ -336,8 +337,8 @@ def test_interrupt_without_checkpoint_says_it_cannot_resume(tmp_path, monkeypatc
 _BLOCKING_CHILD = """
 import sys, time
 from pathlib import Path
-from dynamics.record import RunDir
-from dynamics.cli import main
+from dynamics.runs.rundir import RunDir
+from analyses.cli import main
 flag, stop_at = Path(sys.argv[1]), int(sys.argv[2])
 append = RunDir.append
 def blocking_append(self, name, rows):
@@ -377,7 +378,7 @@ def test_sigint_says_where_and_how_to_resume(tmp_path):
     assert f"--out {out}" in command
     # the printed command resumes the run
     argv = shlex.split(command)[1:]
-    assert subprocess.run([sys.executable, "-m", "dynamics.cli"] + argv, capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "analyses.cli"] + argv, capture_output=True).returncode == 0
     assert read_table(out, "train").step.tolist() == list(range(1, 7))
     counts = read_table(out, "records").groupby("step").pair_id.count()
     assert counts.index.tolist() == list(range(7)) and (counts == 2).all()

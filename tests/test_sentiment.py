@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from analyses.plots import plot_token_heatmap
+from dynamics.tools.plots import plot_token_heatmap
 from analyses.sentiment import (STYLE_ORDER, claims, claims_markdown, load_token_gram, run_sentiment,
                                 token_cosines, write_figures)
-from dynamics.cli import main
+from analyses.cli import main
 
 TINY = dict(sft_steps=2, steps=4, eval_every=2, n_probe=2, n_pairs=12, batch_size=4, lr=1e-3)
 
@@ -189,7 +189,7 @@ def test_heatmap_small_matrix():
 def test_eval_pairs_come_from_test_csv_beside_train_csv(tmp_path):
     import pandas as pd
 
-    from dynamics.statements import NEGATIVE, POSITIVE
+    from dynamics.inputs.statements import NEGATIVE, POSITIVE
 
     rows = [(f"p{i}", t, "positive") for i, t in enumerate(POSITIVE[:20])] + \
            [(f"n{i}", t, "negative") for i, t in enumerate(NEGATIVE[:20])]
@@ -216,7 +216,7 @@ def test_eval_pairs_come_from_test_csv_beside_train_csv(tmp_path):
 
 
 def test_eval_data_smaller_than_n_probe_is_an_error(tmp_path):
-    from dynamics.train import TrainConfig, split_config_pairs
+    from dynamics.runs.train import TrainConfig, split_config_pairs
 
     import pandas as pd
     pd.DataFrame([("a", "I love it", "positive")], columns=["textID", "text", "sentiment"]).to_csv(tmp_path / "t.csv", index=False)

@@ -30,10 +30,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynamics.conditions import first_difference, pair_token_decomposition, predict
-from dynamics.grads import IMPLS, pair_inner_products
-from dynamics.logprobs import TokenizedPairs, TokenizedSequence, pair_logprobs
-from dynamics.losses import compute_loss
+from dynamics.core.conditions import first_difference, pair_token_decomposition, predict
+from dynamics.core.grads import IMPLS, pair_inner_products
+from dynamics.core.logprobs import TokenizedPairs, TokenizedSequence, pair_logprobs
+from dynamics.core.losses import compute_loss
 
 DT = torch.float64
 BETA = 0.1

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analyses import tldr
-from dynamics.cli import main
+from analyses.cli import main
 from dynamics.errors import InputError
 
 TINY = dict(steps=2, eval_every=1, n_probe=2, n_train=8, batch_size=4, lr=1e-3, max_length=64)

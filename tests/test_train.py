@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dynamics.cli import main
-from dynamics.losses import LOSSES
-from dynamics.record import RunDir, read_table
-from dynamics.train import TrainConfig, train
+from analyses.cli import main
+from dynamics.core.losses import LOSSES
+from dynamics.runs.rundir import RunDir, read_table
+from dynamics.runs.train import TrainConfig, train
 
 RECORD_COLUMNS = {"step", "pair_id", "loss", "loss_value", "logp_w", "logp_l", "logp_w_norm", "logp_l_norm",
                   "ref_w", "ref_l", "len_w", "len_l", "margin", "reward_acc", "d_w", "d_l"}
@@ -114,10 +114,10 @@ def test_cli_help_losses_and_train(tmp_path, capsys):
 def test_cli_grads_sentence_and_token(tmp_path):
     import numpy as np
 
-    from dynamics.grads import pair_inner_products
-    from dynamics.data import builtin_sentiment_pairs
-    from dynamics.logprobs import tokenize_pairs
-    from dynamics.models import load_model
+    from dynamics.core.grads import pair_inner_products
+    from dynamics.inputs.data import builtin_sentiment_pairs
+    from dynamics.core.logprobs import tokenize_pairs
+    from dynamics.inputs.models import load_model
 
     out = tmp_path / "ip.parquet"
     assert main(["grads", "--model", "tiny-llama", "--limit", "3", "--out", str(out), "--impl", "func"]) == 0

@@ -433,7 +433,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
         train: return the model in train mode (dropout on); default eval mode for analysis.
 
     The tokenizer is returned as loaded; a tokenizer without a pad token is not patched here
-    (`dynamics.logprobs` raises a clear error for it). SmolLM2's has one (``<|im_end|>``).
+    (`dynamics.core.logprobs` raises a clear error for it). SmolLM2's has one (``<|im_end|>``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

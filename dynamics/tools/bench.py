@@ -23,9 +23,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dynamics.grads import pair_inner_products, token_gram
-from dynamics.logprobs import TokenizedPairs, TokenizedSequence, pair_logprobs
-from dynamics.losses import compute_loss
+from dynamics.core.analyzer import Analyzer
+from dynamics.core.grads import IMPLS
+from dynamics.core.logprobs import TokenizedPairs, TokenizedSequence, pair_logprobs, tokenize_pairs
+from dynamics.core.losses import compute_loss
 
 
 def _rss() -> int:
@@ -84,6 +85,28 @@ def cut_pairs(pairs: TokenizedPairs, n_tokens: int) -> TokenizedPairs:
                           [_cut(s, n_tokens) for s in pairs.rejected], pairs.pad_id)
 
 
+def default_datasets(tokenizer, root: str | Path, *, pairs: int = 2, tokens: int = 32, tldr_max_length: int = 256,
+                     progress=print) -> dict[str, TokenizedPairs]:
+    """The benchmark's pair sets: ``pairs`` sentiment long-suffix pairs (the shared tweets under
+    ``root/../shared/data`` when present, else the built-in statements) and, when the shared
+    TL;DR comparisons are present, ``pairs`` TL;DR pairs (prompt+response ≤ ``tldr_max_length``
+    tokens) whose responses are cut to ``tokens`` tokens."""
+    from dynamics.inputs import data
+
+    tweets, tldr = data.default_tweets_path(root), data.default_tldr_path(root)
+    sent = data.load_tweets(tweets, "long_suffix", limit=pairs) if tweets else \
+        data.builtin_sentiment_pairs("long_suffix", n=pairs)
+    sets = {f"sentiment long_suffix ({'tweets' if tweets else 'built-in'})": tokenize_pairs(tokenizer, sent)}
+    if tldr:
+        tp = tokenize_pairs(tokenizer, data.load_tldr(tldr), max_length=tldr_max_length)
+        keep = [i for i in range(len(tp))
+                if min(len(tp.chosen[i].response_ids), len(tp.rejected[i].response_ids)) >= tokens]
+        sets[f"tldr (responses cut to {tokens} tokens)"] = cut_pairs(tp.subset(keep[:pairs]), tokens)
+    else:
+        progress(f"no TL;DR data under {data.shared_data_dir(root)}: TL;DR rows skipped")
+    return sets
+
+
 def bench_grads(model, datasets: dict[str, TokenizedPairs], *, n_small: int = 4, repeat: int = 1,
                 token_level: bool = True, progress=print) -> pd.DataFrame:
     """Time and memory of every implementation and level; one row per (data, impl, level).
@@ -102,14 +125,15 @@ def bench_grads(model, datasets: dict[str, TokenizedPairs], *, n_small: int = 4,
             base = dict(data=name, pair=pair.pair_ids[0], T_w=w.length, T_l=l.length)
             rows.append(dict(base, level="-", impl="dpo fwd+bwd", s_per_pair=t_dpo, peak_mib=m_dpo / 2**20,
                              tokens="", extrapolated=False, dpo_s=t_dpo))
-            for impl in ("ghost", "func", "autograd"):
-                t, m = _measure(lambda: pair_inner_products(model, pair, impl=impl), repeat)
+            for impl in IMPLS:
+                an = Analyzer(model, pair.pad_id, impl=impl)
+                t, m = _measure(lambda: an.pair_inner_products(pair), repeat)
                 rows.append(dict(base, level="sentence", impl=impl, s_per_pair=t, peak_mib=m / 2**20,
                                  tokens="", extrapolated=False, dpo_s=t_dpo))
                 progress(f"{name} pair {k}: sentence {impl}: {t:.2f} s ({t / t_dpo:.2f}x DPO)")
             if not token_level:
                 continue
-            t, m = _measure(lambda: token_gram(model, w, l, pair.pad_id, impl="ghost", chunk_size=8), repeat)
+            t, m = _measure(lambda: Analyzer(model, pair.pad_id, chunk_size=8).token_gram(w, l), repeat)
             rows.append(dict(base, level="token", impl="ghost", s_per_pair=t, peak_mib=m / 2**20,
                              tokens=f"{La}x{Lb}", extrapolated=False, dpo_s=t_dpo))
             progress(f"{name} pair {k}: token ghost {La}x{Lb}: {t:.2f} s ({t / t_dpo:.2f}x DPO), "
@@ -117,7 +141,7 @@ def bench_grads(model, datasets: dict[str, TokenizedPairs], *, n_small: int = 4,
             n = min(n_small, La, Lb)
             ws, ls = _cut(w, n), _cut(l, n)
             for impl in ("func", "autograd"):
-                t, m = _measure(lambda: token_gram(model, ws, ls, pair.pad_id, impl=impl, chunk_size=2), repeat)
+                t, m = _measure(lambda: Analyzer(model, pair.pad_id, impl=impl, chunk_size=2).token_gram(ws, ls), repeat)
                 scale = (La + Lb) / (2 * n)  # cost ∝ number of token gradients
                 rows.append(dict(base, level="token", impl=impl, s_per_pair=t * scale, peak_mib=m / 2**20,
                                  tokens=f"{n}x{n} -> {La}x{Lb}", extrapolated=True, dpo_s=t_dpo))

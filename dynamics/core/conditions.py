@@ -1,7 +1,7 @@
 """From gradient inner products to predictions: one-step changes, Table 1 cases, what-if, tokens.
 
 Notation (seed 004 §3): ``g_w = ∇_θ log π_w``, ``g_l = ∇_θ log π_l``; a loss contributes
-``∇ℓ = -(d_w g_w - d_l g_l)`` (`dynamics.losses` sign convention), so one SGD step of size η
+``∇ℓ = -(d_w g_w - d_l g_l)`` (`dynamics.core.losses` sign convention), so one SGD step of size η
 moves θ by ``Δθ = η (d_w g_w - d_l g_l)`` and, to first order (seed 004 eq. 5 / §3.2)::
 
     Δlog π_w ≈ ⟨g_w, Δθ⟩ = η (d_w ‖g_w‖² - d_l ⟨g_w,g_l⟩)
@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, jvp
 
-from dynamics.grads import TokenGram, _analysis_mode, _device, _resolve_params, _split_params, token_gram
-from dynamics.logprobs import TokenizedSequence, _check_context, batch_logprobs, collate
-from dynamics.losses import LOSSES, compute_loss, get_loss
+from dynamics.core.grads import TokenGram, analysis_mode, resolve_params, split_params, token_gram
+from dynamics.core.logprobs import TokenizedSequence, batch_logprobs, check_context, collate, model_device
+from dynamics.core.losses import LOSSES, compute_loss, get_loss
 
 __all__ = ["CASES", "case", "predict", "update_prediction", "snapshot_params", "param_delta",
            "what_if", "summarize", "first_difference", "token_predictions", "token_decomposition",
@@ -80,8 +80,8 @@ def predict(d_w: Tensor, d_l: Tensor, ip_wl: Tensor, sq_w: Tensor, sq_l: Tensor,
             lr: float | Tensor = 1.0) -> dict[str, Tensor]:
     """First-order one-SGD-step prediction (seed 004 eq. 5, §3.2, eq. 9, 10); all inputs (B,).
 
-    ``d_w, d_l`` from `dynamics.losses.compute_loss`; ``ip_wl = ⟨g_w,g_l⟩``, ``sq_w = ‖g_w‖²``,
-    ``sq_l = ‖g_l‖²`` from `dynamics.grads.pair_inner_products`; ``lr`` = η (scalar or (B,)).
+    ``d_w, d_l`` from `dynamics.core.losses.compute_loss`; ``ip_wl = ⟨g_w,g_l⟩``, ``sq_w = ‖g_w‖²``,
+    ``sq_l = ‖g_l‖²`` from `dynamics.core.grads.pair_inner_products`; ``lr`` = η (scalar or (B,)).
     Each pair is treated as if it were stepped alone; for a batch-mean loss use ``lr/B`` and add
     the cross-pair terms yourself (or use `update_prediction` on the real update).
 
@@ -110,7 +110,7 @@ def predict(d_w: Tensor, d_l: Tensor, ip_wl: Tensor, sq_w: Tensor, sq_l: Tensor,
 def snapshot_params(model, params="trainable") -> dict[str, Tensor]:
     """Detached copies of the selected parameters (a `select_params` spec or a dict), by name;
     take one before ``optimizer.step()`` and pass it to `param_delta` after."""
-    return {n: p.detach().clone() for n, p in _resolve_params(model, params).items()}
+    return {n: p.detach().clone() for n, p in resolve_params(model, params).items()}
 
 
 def param_delta(model, before: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -152,25 +152,25 @@ def update_prediction(model, seqs: Sequence[TokenizedSequence], pad_id: int, del
     unknown = sorted(set(delta) - set(named))
     if unknown:
         raise ValueError(f"delta names that are not parameters of the model: {unknown}")
-    canon = _resolve_params(model, {n: named[n] for n in delta})                 # canonical name -> param
+    canon = resolve_params(model, {n: named[n] for n in delta})                 # canonical name -> param
     by_canon = {c: delta[n] for n in delta for c, p in canon.items() if p is named[n]}
-    params = canon if params is None else _resolve_params(model, params)
+    params = canon if params is None else resolve_params(model, params)
     missing = sorted(set(params) - set(by_canon))
     if missing:
         raise ValueError(f"params without an entry in delta: {missing}")
     for n, p in params.items():
         if by_canon[n].shape != p.shape:
             raise ValueError(f"delta[{n!r}] has shape {tuple(by_canon[n].shape)}, parameter {tuple(p.shape)}")
-    _check_context(model, seqs)
-    theta, consts = _split_params(model, params)
+    check_context(model, seqs)
+    theta, consts = split_params(model, params)
     tangent = {n: by_canon[n].to(dtype=theta[n].dtype, device=theta[n].device) for n in theta}
     wrapper = _LogProbs(model)
     pre = lambda d: {"m." + k: v for k, v in d.items()}                          # names inside the wrapper
     step = batch_size or max(len(seqs), 1)
     out = []
-    with _analysis_mode(model, eager=True):
+    with analysis_mode(model, eager=True):
         for lo in range(0, len(seqs), step):
-            batch = collate(seqs[lo:lo + step], pad_id, "right", _device(model))
+            batch = collate(seqs[lo:lo + step], pad_id, "right", model_device(model))
             f = lambda th: functional_call(wrapper, (pre(th), pre(consts)), args=(batch,), tie_weights=True)
             _, d = jvp(f, (theta,), (tangent,))                                  # (n,) ⟨g_i, Δθ⟩
             out.append(d.detach())
@@ -186,7 +186,7 @@ def what_if(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor | None, ref_l: Tensor 
     """Predicted one-step changes of B pairs under each loss, from one gradient computation.
 
     All tensors (B,): log-probs, reference log-probs, response lengths, and ``⟨g_w,g_l⟩``,
-    ``‖g_w‖²``, ``‖g_l‖²`` (`dynamics.grads.pair_inner_products`). ``losses``: names in `LOSSES`
+    ``‖g_w‖²``, ``‖g_l‖²`` (`dynamics.core.grads.pair_inner_products`). ``losses``: names in `LOSSES`
     (default: all); ``hyper``: ``{loss: {hyper-parameter: value}}`` overriding the defaults.
     References are required whenever a selected loss needs them (at step 0, pass the policy
     log-probs themselves: π_ref = π_θ).
@@ -300,7 +300,7 @@ def pair_token_decomposition(model, seq_w: TokenizedSequence, seq_l: TokenizedSe
                              d_w: float | Tensor, d_l: float | Tensor, lr: float = 1.0, *,
                              params="all", impl: str = "ghost", chunk_size: int | None = None) -> dict:
     """`token_decomposition` of one pair straight from the model: computes the three token Grams
-    with `dynamics.grads.token_gram` (``params``, ``impl``, ``chunk_size`` passed on) and m by
+    with `dynamics.core.grads.token_gram` (``params``, ``impl``, ``chunk_size`` passed on) and m by
     `first_difference`; adds ``tokens_w``, ``tokens_l`` (decoded response tokens) and
     ``grams`` = (ww, wl, ll) `TokenGram`s to the returned dict."""
     m = first_difference(seq_w.response_ids, seq_l.response_ids)

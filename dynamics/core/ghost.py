@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynamics.logprobs import Batch, TokenizedSequence, body_and_head, collate, unwrap
+from dynamics.core.logprobs import Batch, TokenizedSequence, body_and_head, collate, unwrap
 
 
 # ------------------------------------------------------------------------------ factors
@@ -66,7 +66,7 @@ class Use:
     mat: Tensor | None = None
 
 
-def _dot(fa: Factor, fb: Factor) -> Tensor:
+def _factor_dot(fa: Factor, fb: Factor) -> Tensor:
     """``fa[i,τ]·fb[j,σ]`` for all items and positions: (Ia, Ta, Ib, Tb) (I=1 when shared).
 
     Two one-hot factors give a boolean equality tensor ``[x_iτ = x'_jσ]``.
@@ -79,7 +79,7 @@ def _dot(fa: Factor, fb: Factor) -> Tensor:
         g = fb.x[:, :, fa.x.reshape(-1)]                         # (Ib, Tb, Ia*Ta)
         return g.reshape(Ib, Tb, Ia, Ta).permute(2, 3, 0, 1)
     if fb.onehot:
-        return _dot(fb, fa).permute(2, 3, 0, 1)
+        return _factor_dot(fb, fa).permute(2, 3, 0, 1)
     return torch.einsum("atk,bsk->atbs", fa.x, fb.x)
 
 
@@ -101,13 +101,13 @@ def _pair(ua: Use, ub: Use, Ia: int, Ib: int, diag: bool) -> Tensor:
         # M[i,j] = Σ_{τσ} K[τ,σ] Y_a[i,τ]·Y_b[j,σ]          cost Ib·Ta·Tb·m + Ia·Ib·Ta·m
         other = "cols" if shared == "rows" else "rows"
         Ya, Yb = getattr(ua, other).x, getattr(ub, other).x                       # (I, T, m)
-        K = _dot(getattr(ua, shared), getattr(ub, shared))[0, :, 0, :].to(Ya.dtype)  # (Ta, Tb)
+        K = _factor_dot(getattr(ua, shared), getattr(ub, shared))[0, :, 0, :].to(Ya.dtype)  # (Ta, Tb)
         if diag:
             W = torch.einsum("uv,ivm->ium", K, Ya)
             return (Ya * W).sum((1, 2))
         W = torch.einsum("uv,jvm->jum", K, Yb)                                     # (Ib, Ta, m)
         return torch.einsum("ium,jum->ij", Ya, W)
-    R, C = _dot(ua.rows, ub.rows), _dot(ua.cols, ub.cols)                          # (Ia|1, Ta, Ib|1, Tb)
+    R, C = _factor_dot(ua.rows, ub.rows), _factor_dot(ua.cols, ub.cols)                          # (Ia|1, Ta, Ib|1, Tb)
     R, C = (R.to(C.dtype), C) if R.dtype == torch.bool else (R, C.to(R.dtype))
     M = (R * C).sum((1, 3)).expand(Ia, Ib)
     return M.diagonal() if diag else M
@@ -343,11 +343,7 @@ def _head_forward(head: nn.Linear, h: Tensor, batch: Batch):
     Returns ``h_sel`` (N, L, d), ``r = mask·(e_y - π)`` (N, L, V) — ∂ log π(y^t)/∂ logits —,
     the positions (N, L) and the mask (N, L).
     """
-    N, T = batch.input_ids.shape
-    L = int(batch.lengths.max())
-    j = torch.arange(L, device=h.device)
-    mask = j[None, :] < batch.lengths[:, None]                                   # (N, L)
-    tgt = (batch.start[:, None] + j[None, :]).clamp(max=T - 1)                   # (N, L)
+    tgt, mask = batch.response_positions()                                       # (N, L) each
     pos = tgt - 1
     h_sel = h.detach().gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))     # (N, L, d)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 Short everyday sentences (products, food, weather, travel, work, home, leisure),
 each clearly positive or clearly negative. They back the offline sentiment task
-of seed 004, section 4.2 (`dynamics.data.builtin_sentiment_pairs`), so that the
+of seed 004, section 4.2 (`dynamics.inputs.data.builtin_sentiment_pairs`), so that the
 demo and the tests run without any downloaded data. The two tuples are
 balanced in spirit, not in order; `builtin_sentiment_pairs` balances them.
 """

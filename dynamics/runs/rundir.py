@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import hashlib
+
 import pandas as pd
 
+from dynamics.core.logprobs import REF_COLUMNS, TokenizedPairs, model_fingerprint, pair_fingerprints, reference_logprobs
 from dynamics.errors import InputError
 
 
@@ -37,12 +40,12 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def _no_space(e: OSError) -> bool:
+def is_no_space(e: OSError) -> bool:
     # pyarrow's write errors are OSErrors that may carry only the message, not the errno
     return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or "No space left" in str(e)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write) -> None:
     """``write(tmp)`` then replace ``path`` by ``tmp``. On any failure (disk full, interrupt) the
     temporary file is removed and ``path`` keeps its previous content; no space left raises
     `DiskFullError` naming the file."""
@@ -54,7 +57,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         _remove_quietly(tmp)
-        if isinstance(e, OSError) and _no_space(e):
+        if isinstance(e, OSError) and is_no_space(e):
             kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not created"
             raise DiskFullError(f"no space left on the device writing {path}; {kept}. "
                                 f"Free some space and resume (or rerun) the run.") from e
@@ -155,7 +158,7 @@ class RunDir:
         """Write ``config.json`` (a dataclass or mapping), atomically."""
         target = self.path / "config.json"
         text = json.dumps(to_jsonable(config), indent=2, sort_keys=True)
-        _atomic_write_bytes(target, lambda p: p.write_text(text + "\n"))
+        atomic_write_bytes(target, lambda p: p.write_text(text + "\n"))
         return target
 
     def read_config(self) -> dict:
@@ -178,7 +181,7 @@ class RunDir:
             return
         old = self.table(name)
         df = new if old.empty else pd.concat([old, new], ignore_index=True)
-        _atomic_write_bytes(self.path / f"{name}.parquet", lambda p: df.to_parquet(p, index=False))
+        atomic_write_bytes(self.path / f"{name}.parquet", lambda p: df.to_parquet(p, index=False))
         self._tables[name] = df
 
     def truncate_after(self, name: str, step: int) -> None:
@@ -187,7 +190,7 @@ class RunDir:
         if df.empty or "step" not in df:
             return
         keep = df[df["step"] <= step].reset_index(drop=True)
-        _atomic_write_bytes(self.path / f"{name}.parquet", lambda p: keep.to_parquet(p, index=False))
+        atomic_write_bytes(self.path / f"{name}.parquet", lambda p: keep.to_parquet(p, index=False))
         self._tables[name] = keep
 
     def last_step(self, name: str) -> int | None:
@@ -201,3 +204,59 @@ def read_table(run_dir: str | Path, name: str = "records") -> pd.DataFrame:
     if not f.is_file():
         raise FileNotFoundError(f"{f} does not exist; is {run_dir} a run directory?")
     return pd.read_parquet(f)
+
+
+# ------------------------------------------------------------------ reference cache
+
+def cached_reference_logprobs(model, pairs: TokenizedPairs, path: str | Path, *,
+                              batch_size: int = 8, context: object = None) -> pd.DataFrame:
+    """`reference_logprobs`, read from / written to the Parquet file ``path``.
+
+    A cached row is reused only when both its token fingerprint (the pair's prompt and response
+    ids, hence tokenizer and truncation) and the cache key match; the key hashes
+    `model_fingerprint` (identity and all weights, so another model or the model after a
+    different SFT never reuses a cache) and ``context`` (anything else the values depend on,
+    given by the caller: model name, tokenizer, truncation, dtype, device). Missing or stale
+    rows are recomputed and the file rewritten atomically (stale rows dropped). Returns rows in
+    the order of ``pairs``.
+    """
+    path = Path(path)
+    key = hashlib.blake2b(f"{model_fingerprint(model)}|{context!r}".encode(), digest_size=16).hexdigest()
+    have = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=REF_COLUMNS + ["cache_key"])
+    if "cache_key" not in have:  # a cache from before keys: its model is unknown, never reuse it
+        have = have.iloc[:0].assign(cache_key=pd.Series(dtype=str))
+    want = dict(zip(pairs.pair_ids, pair_fingerprints(pairs)))
+    good = have[(have["pair_id"].map(want) == have["fingerprint"]) & (have["cache_key"] == key)]
+    todo = [i for i, pid in enumerate(pairs.pair_ids) if pid not in set(good["pair_id"])]
+    if todo or len(good) != len(have):
+        if todo:
+            new = reference_logprobs(model, pairs.subset(todo), batch_size=batch_size).assign(cache_key=key)
+            good = pd.concat([good, new], ignore_index=True) if len(good) else new
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame = good.reset_index(drop=True)
+        atomic_write_bytes(path, lambda f: frame.to_parquet(f, index=False))
+    return good.drop(columns="cache_key").set_index("pair_id").loc[pairs.pair_ids].reset_index()
+
+
+# ------------------------------------------------------------------ token Grams
+
+def safe_name(text: str) -> str:
+    """``text`` with every character other than letters, digits, ``-_.`` replaced by ``_`` (file names)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))
+
+
+def save_token_gram(path: str | Path, gram, pair_id: str, step: int | None = None) -> Path:
+    """Write a `dynamics.core.grads.TokenGram` of a pair's chosen (a) and rejected (b) response as
+    ``.npz``: ``M`` (La, Lb), ``cos`` (La, Lb), ``sq_w`` (La,), ``sq_l`` (Lb,) in float64, the
+    decoded ``tokens_w``/``tokens_l``, ``pair_id`` and, when given, ``step``."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(M=gram.M.double().cpu().numpy(), cos=gram.cos.double().cpu().numpy(),
+                  sq_w=gram.sq_a.double().cpu().numpy(), sq_l=gram.sq_b.double().cpu().numpy(),
+                  tokens_w=np.array(gram.tokens_a), tokens_l=np.array(gram.tokens_b), pair_id=np.array(pair_id))
+    if step is not None:
+        arrays["step"] = step
+    np.savez(path, **arrays)
+    return path

@@ -1,9 +1,9 @@
-"""A plain PyTorch preference trainer for every loss in `dynamics.losses.LOSSES`.
+"""A plain PyTorch preference trainer for every loss in `dynamics.core.losses.LOSSES`.
 
 One run: load a model, optionally SFT it on ``prompt + chosen``, take the SFT model as the
 reference (its log-probs of every pair are computed once and cached, so no second model is
 kept), then train with the chosen preference loss (full fine-tuning or LoRA, AdamW or SGD,
-gradient accumulation). Every ``eval_every`` steps a `dynamics.recorder.Recorder` measures a
+gradient accumulation). Every ``eval_every`` steps a `dynamics.runs.recorder.Recorder` measures a
 fixed set of probe pairs around the optimizer update (log-probs, gradient inner products,
 predicted and actual changes, what-if table, token Grams) into the run directory.
 
@@ -36,18 +36,19 @@ from pathlib import Path
 
 import torch
 
-from dynamics import data as data_mod
-from dynamics.logprobs import (TokenizedPairs, cached_reference_logprobs, pair_logprobs,
+from dynamics.inputs import data as data_mod
+from dynamics.core.logprobs import (TokenizedPairs, pair_logprobs,
                                sequence_logprobs, tokenize_pairs)
-from dynamics.losses import compute_loss, get_loss, resolve_hyper
-from dynamics.models import check_device, check_model_name, load_model
+from dynamics.core.losses import compute_loss, get_loss, resolve_hyper
+from dynamics.inputs.models import check_device, check_model_name, load_model
 from dynamics.errors import InputError
-from dynamics.logprobs import model_fingerprint
-from dynamics.record import DiskFullError, RunDir, _atomic_write_bytes, _no_space, move_aside, out_dir_state, run_files, to_jsonable
+from dynamics.core.grads import IMPLS
+from dynamics.core.logprobs import model_fingerprint
+from dynamics.runs.rundir import (DiskFullError, RunDir, atomic_write_bytes, cached_reference_logprobs, is_no_space,
+                                  move_aside, out_dir_state, run_files, to_jsonable)
 
-DATA_KINDS = ("sentiment", "tldr", "pairs")
+DATA_KINDS = data_mod.DATA_KINDS
 OPTIMIZERS = ("adamw", "sgd")
-IMPLS = ("ghost", "func", "autograd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -62,7 +63,7 @@ class TrainConfig:
     n_pairs: int | None = field(default=None, metadata={"help": "use at most this many pairs (train + probe)"})
     n_probe: int = field(default=16, metadata={"help": "held-out probe pairs scored every eval_every steps"})
     eval_data: str | None = field(default=None, metadata={"help": "draw the probe pairs from this file (same kind as data) instead of splitting them off the training data"})
-    loss: str = field(default="dpo", metadata={"help": "a name in dynamics.losses.LOSSES"})
+    loss: str = field(default="dpo", metadata={"help": "a name in dynamics.core.losses.LOSSES"})
     loss_params: dict = field(default_factory=dict, metadata={"help": "hyper-parameter overrides for the loss"})
     steps: int = field(default=40, metadata={"help": "preference optimizer steps"})
     batch_size: int = field(default=4, metadata={"help": "pairs per optimizer step"})
@@ -129,18 +130,12 @@ def load_config_pairs(cfg: TrainConfig) -> list:
 
 
 def _read_pairs(cfg: TrainConfig, source: str | None, limit: int | None) -> list:
-    if cfg.data_kind == "sentiment":
-        return data_mod.sentiment_pairs(source, cfg.style, limit=limit, seed=cfg.seed)
-    if source is None:
-        raise ValueError(f"data_kind={cfg.data_kind!r} needs a data file")
-    if cfg.data_kind == "tldr":
-        return data_mod.load_tldr(source, limit=limit)
-    return data_mod.load_pairs(source, limit=limit)
+    return data_mod.load_kind(cfg.data_kind, source, style=cfg.style, limit=limit, seed=cfg.seed)
 
 
 def split_config_pairs(cfg: TrainConfig) -> tuple[list, list]:
     """(training pairs, probe pairs): ``n_probe`` probes drawn from ``cfg.eval_data`` when given
-    (all of ``cfg.data`` then trains), else split off ``cfg.data`` (`dynamics.data.split_pairs`)."""
+    (all of ``cfg.data`` then trains), else split off ``cfg.data`` (`dynamics.inputs.data.split_pairs`)."""
     pairs = load_config_pairs(cfg)
     if cfg.eval_data is not None:
         held = _read_pairs(cfg, cfg.eval_data, None)
@@ -211,8 +206,8 @@ def apply_lora(model, r: int, seed: int):
     return get_peft_model(model, cfg)
 
 
-def _is_no_space(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and _no_space(e)) or (isinstance(e, RuntimeError) and "No space left" in str(e))
+def _out_of_space(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and is_no_space(e)) or (isinstance(e, RuntimeError) and "No space left" in str(e))
 
 
 def _save_checkpoint(path: Path, model, opt, step: int) -> None:
@@ -226,7 +221,7 @@ def _save_checkpoint(path: Path, model, opt, step: int) -> None:
         torch.save(dict(params=state, optimizer=opt.state_dict(), step=step), tmp / "state.pt")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_no_space(e):
+        if _out_of_space(e):
             raise DiskFullError(f"no space left on the device writing the checkpoint {path}; the previous "
                                 f"checkpoint is intact. Free some space and resume.") from e
         raise
@@ -331,7 +326,7 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
 def train_command(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False, **override) -> str:
     """The ``dynamics train`` command line that reproduces ``cfg`` (every non-default field;
     ``override``: field values to use instead of ``cfg``'s)."""
-    from dynamics.losses import resolve_hyper
+    from dynamics.core.losses import resolve_hyper
 
     args = ["dynamics", "train"] + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
     args += ["--out", str(cfg.out)]
@@ -445,7 +440,7 @@ def build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed: int) -> d
     held-out prompt's y⁺ (the next probe pair), shuffled y⁺, shuffled other response, and the
     model-made y* (argmax under teacher forcing on y⁺) and greedy decode, made from the model
     as it is now (the reference) and kept fixed."""
-    from dynamics.probes import model_probes, probe_set
+    from dynamics.core.probes import model_probes, probe_set
 
     sets = {}
     for k, pair in enumerate(probe_pairs):
@@ -474,7 +469,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
 def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     from tqdm.auto import tqdm
 
-    from dynamics.recorder import Recorder, RecorderConfig
+    from dynamics.runs.recorder import Recorder, RecorderConfig
 
     # ---- validate everything before writing anything
     out = Path(cfg.out)
@@ -483,7 +478,7 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device, seed=cfg.seed)
-    kw = dict(max_length=cfg.max_length, truncation="prompt_left" if cfg.max_length else "error")
+    kw = dict(max_length=cfg.max_length)
     train_tp, probe_tp = tokenize_pairs(tokenizer, train_pairs, **kw), tokenize_pairs(tokenizer, probe_pairs, **kw)
     if len(train_tp) < cfg.batch_size:
         raise ValueError(f"{len(train_tp)} training pairs are fewer than batch_size={cfg.batch_size}")
@@ -516,7 +511,7 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
         run.append("sft", [dict(step=i + 1, nll=v) for i, v in enumerate(sft_losses)])
         if cfg.save_every:
             sft_params = {n: p.detach().cpu() for n, p in model.named_parameters()}
-            _atomic_write_bytes(sft_file, lambda f: torch.save(sft_params, f))
+            atomic_write_bytes(sft_file, lambda f: torch.save(sft_params, f))
     if cfg.lora_r:
         model = apply_lora(model, cfg.lora_r, cfg.seed)
 
@@ -599,3 +594,17 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.blake2b(repr(vocab).encode(), digest_size=12).hexdigest()
     return (f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|"
             f"{getattr(tokenizer, 'all_special_ids', '')}|{h}")
+
+
+def run_summary(run: RunDir) -> str:
+    """A few lines on a finished run: probe pairs, recorded steps, and the mean chosen and
+    rejected log-probs, margin and reward accuracy at the first and last recorded step."""
+    rec = run.table("records")
+    if rec.empty:
+        return f"{run.path}: no recorded step"
+    lines = [f"probe pairs: {rec.pair_id.nunique()}, steps recorded: {sorted(rec.step.unique().tolist())}"]
+    for name, step in (("first", rec.step.min()), ("last", rec.step.max())):
+        df = rec[rec.step == step]
+        lines.append(f"{name:5s} step {int(step):3d}: chosen log-prob {df.logp_w.mean():8.3f}  rejected "
+                     f"{df.logp_l.mean():8.3f}  margin {df.margin.mean():7.3f}  reward acc {df.reward_acc.mean():.2f}")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ Works with any `transformers.Trainer` whose model is a causal LM, in particular 
     cb.attach(trainer)           # first in the callback list, so summaries reach TensorBoard / W&B
     trainer.train()
 
-Every ``every`` optimizer steps it runs the shared `dynamics.recorder.Recorder`:
+Every ``every`` optimizer steps it runs the shared `dynamics.runs.recorder.Recorder`:
 ``on_pre_optimizer_step`` measures θ_s (after the gradients of the step were accumulated, so
 gradient accumulation is handled) and snapshots the trainable parameters; ``on_optimizer_step``
 measures θ_{s+1}, i.e. the real update of the real optimizer, and writes the rows; ``on_log``
@@ -21,7 +21,7 @@ disabled), unless given as ``ref`` (a DataFrame with ``ref_w, ref_l`` in probe o
 What it cannot do: sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
 parameter snapshot and the probe forward passes assume one process holding the whole model;
 it raises for ``world_size > 1``). It tokenizes the probe pairs itself (prompt and response
-separately, `dynamics.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
+separately, `dynamics.core.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
 when the training arguments come from TRL (TRL's preference trainers append EOS to
 non-conversational completions), so the probe log-probs are those of the sequences TRL trains on.
 """
@@ -34,10 +34,10 @@ from typing import Sequence
 
 import pandas as pd
 
-from dynamics.logprobs import reference_logprobs, tokenize_pairs
-from dynamics.record import RunDir, to_jsonable
-from dynamics.models import precision_name
-from dynamics.recorder import Recorder, RecorderConfig, outside_autocast
+from dynamics.core.logprobs import reference_logprobs, tokenize_pairs
+from dynamics.runs.rundir import RunDir, to_jsonable
+from dynamics.inputs.models import precision_name
+from dynamics.runs.recorder import Recorder, RecorderConfig, outside_autocast
 
 try:
     from transformers import TrainerCallback
@@ -49,7 +49,7 @@ class DynamicsCallback(TrainerCallback):
     """Records seed-004 diagnostics of ``probe_pairs`` into ``out_dir`` every ``every`` steps.
 
     Args:
-        probe_pairs: `dynamics.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
+        probe_pairs: `dynamics.inputs.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
         out_dir: run directory (``config.json``, ``records.parquet``, ``whatif.parquet``, …).
         every: record at optimizer steps 0, every, 2·every, …
         loss, loss_params: the loss whose ``d_w, d_l`` apply (a name in ``LOSSES``; TRL's
@@ -94,8 +94,7 @@ class DynamicsCallback(TrainerCallback):
         eos = self.append_eos
         if eos == "auto":
             eos = type(args).__module__.split(".")[0] == "trl"
-        probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length, append_eos=eos,
-                               truncation="prompt_left" if self.max_length else "error")
+        probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length, append_eos=eos)
         ref = self.ref
         if ref is None:
             disable = getattr(model, "disable_adapter", None)
@@ -109,7 +108,7 @@ class DynamicsCallback(TrainerCallback):
                                    training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
         sets = None
         if cfg.probes:
-            from dynamics.train import build_probe_sets
+            from dynamics.runs.train import build_probe_sets
             sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
         self.rec = Recorder(model, probe, ref, self.run, cfg, tokenizer=tok, probe_sets=sets)
 

@@ -14,11 +14,11 @@ dynamics")::
 χ^t is the prompt plus the response prefix that predicts response token t (teacher forcing).
 For a margin loss ``∇L = -(d_w ∇log π_w - d_l ∇log π_l)`` (seed 004, eq. 8; DPO: d_w = d_l =
 β σ(-β·margin)), ``Δz_o = -η [K(o, u⁺) G⁺ - K(o, u⁻) G⁻]`` with ``G^± = d_{w/l} (π_u^± - e_{y_u^±})``
-(seed 000: ``G_DPO± = β(1-α)(π - y±)``); any loss of `dynamics.losses` fits with its own d_w, d_l.
+(seed 000: ``G_DPO± = β(1-α)(π - y±)``); any loss of `dynamics.core.losses` fits with its own d_w, d_l.
 
 Contracting A, K and G for one token pair gives back the gradient inner product of the token
 log-probs: ``-η a_tᵀ K_ts G_s = η ⟨∇log π(y_o^t), ∇log π(y_u^s)⟩`` (SFT), i.e. ``η M[t, s]`` of
-`dynamics.grads.token_gram` — the log-prob kernel (`logprob_kernel`) is the practical eNTK that
+`dynamics.core.grads.token_gram` — the log-prob kernel (`logprob_kernel`) is the practical eNTK that
 scales to real models with the ghost engine, while the logit kernel K is materialized here with
 ``torch.func.jacrev`` (memory ∝ |y|·|vocab|·P: tiny models, or a `vocab_subset` for real ones).
 """
@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from dynamics.grads import (_analysis_mode, _gram_of, _logits, _requiring_grad, _resolve_params,
-                            _split_params, sentence_gram)
-from dynamics.logprobs import TokenizedSequence, _check_context, sequence_logprobs
+from dynamics.core.grads import (analysis_mode, functional_logits, gram_of, requiring_grad, resolve_params,
+                            split_params, sentence_gram)
+from dynamics.core.logprobs import TokenizedSequence, check_context, sequence_logprobs
 
 __all__ = ["AKG_LOSSES", "logprob_kernel", "logit_ntk", "vocab_subset", "akg_prediction", "akg_residual"]
 
@@ -79,7 +79,7 @@ def _logit_jacobian(model, seq: TokenizedSequence, positions: Sequence[int], voc
 
     Response token t of a prompt of P tokens is predicted by the logit row ``P + t - 1``.
     """
-    theta, consts = _split_params(model, params)
+    theta, consts = split_params(model, params)
     ids = _ids(model, seq)
     T, P = ids.shape[0], len(seq.prompt_ids)
     rows = torch.tensor([P + t - 1 for t in positions], device=ids.device)       # (n,)
@@ -87,10 +87,10 @@ def _logit_jacobian(model, seq: TokenizedSequence, positions: Sequence[int], voc
     pos = torch.arange(T, device=ids.device)
 
     def z(theta):                                                                # -> (n·S,)
-        logits = _logits(model, theta, consts, ids, None, pos)[rows]             # (n, V)
+        logits = functional_logits(model, theta, consts, ids, None, pos)[rows]             # (n, V)
         return (logits if vocab is None else logits[:, vocab]).reshape(-1)
 
-    with _analysis_mode(model, eager=True):
+    with analysis_mode(model, eager=True):
         value = z(theta).detach()
         jac = jacrev(z, chunk_size=chunk_size)(theta)                            # name -> (n·S, *shape)
     return value.reshape(len(positions), -1), jac
@@ -98,7 +98,7 @@ def _logit_jacobian(model, seq: TokenizedSequence, positions: Sequence[int], voc
 
 def _kernel_blocks(jo: dict[str, Tensor], ju: dict[str, Tensor], no: int, nu: int) -> Tensor:
     """(no, So, nu, Su) ``K[t, v, s, w] = ⟨∂z_o^t[v]/∂θ, ∂z_u^s[w]/∂θ⟩`` from flat Jacobians."""
-    K = _gram_of(jo, ju)                                                         # (no·So, nu·Su)
+    K = gram_of(jo, ju)                                                         # (no·So, nu·Su)
     return K.reshape(no, K.shape[0] // no, nu, K.shape[1] // nu)
 
 
@@ -113,8 +113,8 @@ def logit_ntk(model, seq_o: TokenizedSequence, pos_o: int, seq_u: TokenizedSeque
     ``(vocab_o, vocab_u)``. Exact: a restriction is a sub-block of the full K, not an
     approximation of it. ``chunk_size`` bounds the vjps ``jacrev`` vmaps at once.
     """
-    params = _resolve_params(model, params)
-    _check_context(model, [seq_o, seq_u])
+    params = resolve_params(model, params)
+    check_context(model, [seq_o, seq_u])
     vo, vu = vocab if isinstance(vocab, (tuple, list)) else (vocab, vocab)
     (po,), (pu,) = _check_positions(seq_o, [pos_o], "seq_o"), _check_positions(seq_u, [pos_u], "seq_u")
     _, jo = _logit_jacobian(model, seq_o, [po], vo, params, chunk_size)
@@ -145,12 +145,12 @@ def vocab_subset(model, seqs: Sequence[TokenizedSequence], k: int = 8) -> Tensor
 def _check_loss(loss, seq_u_rejected, d_w, d_l) -> None:
     if loss not in AKG_LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(AKG_LOSSES)} (any margin loss of "
-                         "dynamics.losses is 'dpo' with its own coefficients d_w, d_l)")
+                         "dynamics.core.losses is 'dpo' with its own coefficients d_w, d_l)")
     if loss == "sft" and (seq_u_rejected is not None or d_w is not None or d_l is not None):
         raise ValueError("loss='sft' takes no seq_u_rejected, d_w or d_l (it trains seq_u only)")
     if loss == "dpo" and (seq_u_rejected is None or d_w is None or d_l is None):
         raise ValueError("loss='dpo' needs seq_u_rejected, d_w and d_l (DPO: d_w = d_l = β σ(-β·margin); "
-                         "dynamics.losses gives them for every loss)")
+                         "dynamics.core.losses gives them for every loss)")
 
 
 def _residual(z: Tensor, targets: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -187,9 +187,9 @@ def akg_prediction(model, seq_o: TokenizedSequence, seq_u: TokenizedSequence, lr
                                 with Δ = Σ contrib_w + Σ contrib_l, contrib_l = +η a K_l G_l)
     """
     _check_loss(loss, seq_u_rejected, d_w, d_l)
-    params = _resolve_params(model, params)
+    params = resolve_params(model, params)
     updates = [("w", seq_u, d_w)] + ([("l", seq_u_rejected, d_l)] if loss == "dpo" else [])
-    _check_context(model, [seq_o] + [s for _, s, _ in updates])
+    check_context(model, [seq_o] + [s for _, s, _ in updates])
     Lo = len(seq_o.response_ids)
     z_o, j_o = _logit_jacobian(model, seq_o, range(Lo), None, params, chunk_size)   # (Lo, V)
     a = -_residual(z_o, seq_o.response_ids)[1]                                   # (Lo, V) e_y - π
@@ -238,20 +238,20 @@ def akg_residual(model, seq_o: TokenizedSequence, seq_u: TokenizedSequence, lr: 
     ``residual = actual - pred``, which is O(lr²) (tested), and the ``prediction`` dict.
     """
     _check_loss(loss, seq_u_rejected, d_w, d_l)
-    names = list(_resolve_params(model, params))
+    names = list(resolve_params(model, params))
     if prediction is None:
         prediction = akg_prediction(model, seq_o, seq_u, lr, loss=loss, seq_u_rejected=seq_u_rejected,
                                     d_w=d_w, d_l=d_l, params=params, chunk_size=chunk_size)
     updates = [("w", seq_u, d_w)] + ([("l", seq_u_rejected, d_l)] if loss == "dpo" else [])
     stepped = copy.deepcopy(model)
     ps = [dict(stepped.named_parameters())[n] for n in names]
-    with _analysis_mode(stepped), _requiring_grad(ps):
+    with analysis_mode(stepped), requiring_grad(ps):
         grads = torch.autograd.grad(_surrogate_loss(stepped, updates), ps, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(ps, grads):
                 if g is not None:
                     p.sub_(lr * g)
-    with _analysis_mode(model), _analysis_mode(stepped), torch.no_grad():
+    with analysis_mode(model), analysis_mode(stepped), torch.no_grad():
         before = sequence_logprobs(model, [seq_o], 0).token_logps[0]             # (Lo,)
         after = sequence_logprobs(stepped, [seq_o], 0).token_logps[0]
     actual = after - before

@@ -10,7 +10,7 @@
             logs = rec.after_update()      # θ_{s+1}: actual changes, update-based prediction
     rec.final(step + 1)
 
-The plain trainer (`dynamics.train`) and the transformers callback (`dynamics.callbacks`) both
+The plain trainer (`dynamics.runs.train`) and the transformers callback (`dynamics.runs.callbacks`) both
 drive this class. One flat row per step × probe pair goes to ``records.parquet``:
 
 - state at θ_s: ``logp_w, logp_l`` (+ ``_norm``), ``ref_w, ref_l``, ``margin``, ``reward_acc``,
@@ -31,15 +31,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 
-from dynamics import conditions
-from dynamics.grads import pair_inner_products, select_params, token_gram
-from dynamics.logprobs import TokenizedPairs, pair_logprobs
-from dynamics.losses import compute_loss, resolve_hyper
-from dynamics.record import RunDir
+from dynamics.core import conditions
+from dynamics.core.analyzer import Analyzer
+from dynamics.core.grads import IMPLS
+from dynamics.core.logprobs import TokenizedPairs
+from dynamics.core.losses import compute_loss, resolve_hyper
+from dynamics.runs.rundir import RunDir, safe_name, save_token_gram
 
 
 @dataclass
@@ -57,20 +57,10 @@ class RecorderConfig:
 
     def __post_init__(self):
         self.loss_params = resolve_hyper(self.loss, self.loss_params)
-        if self.impl not in ("ghost", "func", "autograd"):
-            raise ValueError(f"unknown impl {self.impl!r}; known: ghost, func, autograd")
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; known: {', '.join(IMPLS)}")
         if self.lr <= 0 or self.token_pairs < 0:
             raise ValueError("lr must be > 0 and token_pairs >= 0")
-
-
-@contextlib.contextmanager
-def _eval(model):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 @contextlib.contextmanager
@@ -113,7 +103,7 @@ class Recorder:
     """Records the diagnostics of ``probe`` (B pairs) before and after optimizer updates.
 
     ``ref`` holds the reference log-probs of the probe pairs in probe order (a DataFrame with
-    ``ref_w, ref_l``, e.g. from `dynamics.logprobs.reference_logprobs`).
+    ``ref_w, ref_l``, e.g. from `dynamics.core.logprobs.reference_logprobs`).
     """
 
     def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig,
@@ -121,8 +111,9 @@ class Recorder:
         self.model, self.probe, self.run, self.cfg = model, probe, run, cfg
         if cfg.probes and (tokenizer is None or not probe_sets):
             raise ValueError("probes=True needs the tokenizer and probe_sets {pair_id: [Probe, ...]}")
-        self.tokenizer, self.probe_sets = tokenizer, probe_sets or {}
-        self.params = select_params(model, cfg.params) if not isinstance(cfg.params, dict) else cfg.params
+        self.probe_sets = probe_sets or {}
+        self.analyzer = Analyzer(model, probe.pad_id, params=cfg.params, impl=cfg.impl, chunk_size=cfg.token_chunk,
+                                 tokenizer=tokenizer)
         self.ref_w = torch.tensor(ref["ref_w"].to_numpy())
         self.ref_l = torch.tensor(ref["ref_l"].to_numpy())
         self._pending: dict | None = None
@@ -135,8 +126,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ state at θ
     def _state(self) -> dict:
-        with _eval(self.model), torch.no_grad():
-            out = pair_logprobs(self.model, self.probe)
+        out = self.analyzer.logprobs(self.probe)
         dtype = out.chosen.logp.dtype
         lw, ll = out.chosen.logp.double(), out.rejected.logp.double()
         nw, nl = out.chosen.lengths.double(), out.rejected.lengths.double()
@@ -151,10 +141,9 @@ class Recorder:
         st = self._state()
         rw, rl = self.ref_w.double(), self.ref_l.double()
         lo = compute_loss(cfg.loss, st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], **cfg.loss_params)
-        ip = {k: v.double().cpu() for k, v in
-              pair_inner_products(self.model, self.probe, params=self.params, impl=cfg.impl).items()}
+        ip = {k: v.double().cpu() for k, v in self.analyzer.pair_inner_products(self.probe).items()}
         pred = conditions.predict(lo.d_w, lo.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
-        snapshot = {n: p.detach().clone() for n, p in self.params.items()}
+        snapshot = self.analyzer.snapshot()
         self._pending = dict(step=step, lr=lr, st=st, lo=lo, ip=ip, pred=pred, snapshot=snapshot)
         if cfg.whatif:
             wi = conditions.what_if(st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], ip["ip_wl"], ip["sq_w"],
@@ -166,33 +155,23 @@ class Recorder:
         self._pending["probes"] = self._probe_rows(step)
 
     def _probe_rows(self, step: int) -> list[dict]:
-        """Learning-dynamics probe metrics (`dynamics.probes.METRICS`) of every probe set."""
+        """Learning-dynamics probe metrics (`dynamics.core.probes.METRICS`) of every probe set."""
         if not self.cfg.probes:
             return []
-        from dynamics.probes import probe_metrics
         rows = []
         for pid, probes in self.probe_sets.items():
-            for r in probe_metrics(self.model, self.tokenizer, None, probes):
+            for r in self.analyzer.probe_metrics(None, probes):
                 rows.append(dict(step=step, pair_id=pid, probe=r.pop("name"),
                                  **{k: v for k, v in r.items() if k not in ("prompt", "response")}))
         return rows
 
     def _token(self, step: int, k: int, lo, lr: float) -> list[dict]:
         """Token Grams of probe pair k and the Theorem 3 decomposition of the predicted change."""
-        w, l, pad = self.probe.chosen[k], self.probe.rejected[k], self.probe.pad_id
-        kw = dict(params=self.params, impl=self.cfg.impl, chunk_size=self.cfg.token_chunk)
-        wl = token_gram(self.model, w, l, pad, **kw)
-        ww = token_gram(self.model, w, w, pad, **kw)
-        ll_ = token_gram(self.model, l, l, pad, **kw)
+        w, l = self.probe.chosen[k], self.probe.rejected[k]
+        dec = self.analyzer.token_decomposition(w, l, float(lo.d_w[k]), float(lo.d_l[k]), lr)
+        wl, m = dec["grams"][1], dec["m"]
         pid = self.probe.pair_ids[k]
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in pid)
-        np.savez(self.run.path / "token_grams" / f"step{step:06d}_{safe}.npz",
-                 M=wl.M.double().cpu().numpy(), cos=wl.cos.double().cpu().numpy(),
-                 sq_w=wl.sq_a.double().cpu().numpy(), sq_l=wl.sq_b.double().cpu().numpy(),
-                 tokens_w=np.array(wl.tokens_a), tokens_l=np.array(wl.tokens_b), pair_id=np.array(pid), step=step)
-        m = conditions.first_difference(w.response_ids, l.response_ids)
-        dec = conditions.token_decomposition(ww.M.double(), wl.M.double(), ll_.M.double(), float(lo.d_w[k]),
-                                             float(lo.d_l[k]), m, lr)
+        save_token_gram(self.run.path / "token_grams" / f"step{step:06d}_{safe_name(pid)}.npz", wl, pid, step)
         return [dict(step=step, pair_id=pid, response=side, m=m, token=t, token_str=toks[t],
                      segment="before" if t < m else "at" if t == m else "after", pred=float(v))
                 for side, toks, tok in (("chosen", w.tokens, dec["tok_w"]), ("rejected", l.tokens, dec["tok_l"]))
@@ -205,11 +184,8 @@ class Recorder:
         if self._pending is None:
             raise RuntimeError("after_update() without before_update()")
         p, self._pending = self._pending, None
-        delta = {n: (self.params[n].detach() - p["snapshot"][n]) for n in self.params}
-        seqs = self.probe.chosen + self.probe.rejected
-        with _eval(self.model):
-            upd = conditions.update_prediction(self.model, seqs, self.probe.pad_id, delta, self.params)
-        upd = upd.double().cpu()
+        delta = self.analyzer.delta(p["snapshot"])
+        upd = self.analyzer.update_effects(self.probe.chosen + self.probe.rejected, delta).double().cpu()
         B = len(self.probe)
         new = self._state()
         act_dw, act_dl = new["lw"] - p["st"]["lw"], new["ll"] - p["st"]["ll"]

@@ -25,17 +25,30 @@ prompts (TL;DR) and a 49k vocabulary cost no full-sequence logits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TRUNCATION = ("error", "prompt_left")
+TRUNCATION = ("auto", "error", "prompt_left")
+"""Policies for a sequence longer than ``max_length``: ``"prompt_left"`` drops prompt tokens from the
+left (responses are never cut), ``"error"`` refuses, ``"auto"`` (the default) is ``"prompt_left"``
+when a ``max_length`` is given and ``"error"`` otherwise (nothing to cut to)."""
+
+
+def resolve_truncation(truncation: str, max_length: int | None) -> str:
+    """``"auto"`` -> ``"prompt_left"`` if ``max_length`` else ``"error"``; other names checked."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"unknown truncation {truncation!r}; known: {', '.join(TRUNCATION)}")
+    if truncation == "auto":
+        return "prompt_left" if max_length else "error"
+    return truncation
 
 
 @dataclass(frozen=True)
@@ -71,15 +84,14 @@ class TokenizedPairs:
 
 
 def tokenize_response(tokenizer, prompt: str, response: str, *, max_length: int | None = None,
-                      truncation: str = "error", append_eos: bool = False, what: str = "") -> TokenizedSequence:
+                      truncation: str = "auto", append_eos: bool = False, what: str = "") -> TokenizedSequence:
     """Tokenize ``prompt`` (with special tokens) and ``response`` (without) separately.
 
     ``what`` names the sequence in error messages (e.g. ``"pair 3, chosen"``).
     Raises ValueError for an empty response, an empty prompt, or (``truncation="error"``)
     a sequence longer than ``max_length``.
     """
-    if truncation not in TRUNCATION:
-        raise ValueError(f"unknown truncation {truncation!r}; known: {', '.join(TRUNCATION)}")
+    truncation = resolve_truncation(truncation, max_length)
     prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if append_eos:
@@ -105,9 +117,9 @@ def tokenize_response(tokenizer, prompt: str, response: str, *, max_length: int 
     return TokenizedSequence(tuple(prompt_ids), tuple(response_ids), tokens, cut)
 
 
-def tokenize_pairs(tokenizer, pairs, *, max_length: int | None = None, truncation: str = "error",
+def tokenize_pairs(tokenizer, pairs, *, max_length: int | None = None, truncation: str = "auto",
                    append_eos: bool = False) -> TokenizedPairs:
-    """Tokenize `dynamics.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
+    """Tokenize `dynamics.inputs.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
 
     Raises ValueError when the tokenizer has no pad token, or a pair's two responses tokenize
     identically (nothing to prefer), besides the errors of `tokenize_response`.
@@ -115,6 +127,7 @@ def tokenize_pairs(tokenizer, pairs, *, max_length: int | None = None, truncatio
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one first, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token")
+    truncation = resolve_truncation(truncation, max_length)
     ids, chosen, rejected = [], [], []
     for p in pairs:
         kw = dict(max_length=max_length, truncation=truncation, append_eos=append_eos)
@@ -138,6 +151,16 @@ class Batch:
     start: Tensor            # (N,) long
     lengths: Tensor          # (N,) long
     padding_side: str
+
+    def response_positions(self) -> tuple[Tensor, Tensor]:
+        """``(tgt, mask)``, each (N, L) with L = max |y|: ``tgt[i, j]`` is the index in the padded
+        row of response token j of sequence i (``start[i] + j``, clamped inside the row past |y_i|)
+        and ``mask[i, j] = j < |y_i|``. The logit at ``tgt - 1`` scores the token at ``tgt``."""
+        T = self.input_ids.shape[1]
+        j = torch.arange(int(self.lengths.max()), device=self.input_ids.device)
+        mask = j[None, :] < self.lengths[:, None]                                  # (N, L)
+        tgt = (self.start[:, None] + j[None, :]).clamp(max=T - 1)                  # (N, L)
+        return tgt, mask
 
 
 def collate(seqs: Sequence[TokenizedSequence], pad_id: int, padding_side: str = "right",
@@ -201,7 +224,26 @@ def body_and_head(model):
     return body, head
 
 
-def _check_context(model, seqs: Sequence[TokenizedSequence]) -> None:
+@contextlib.contextmanager
+def scoring_mode(model) -> Iterator[None]:
+    """Eval mode (no dropout) without grad for scoring; the caller's train/eval mode is restored."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameter."""
+    return next(model.parameters()).device
+
+
+def check_context(model, seqs: Sequence[TokenizedSequence]) -> None:
+    """Raise ValueError when a sequence is longer than the model's context
+    (``config.max_position_embeddings``; no check for models without one)."""
     ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if ctx is None:
         return
@@ -212,20 +254,16 @@ def _check_context(model, seqs: Sequence[TokenizedSequence]) -> None:
                              "tokenize with max_length and truncation='prompt_left'")
 
 
-def batch_logprobs(model, batch: Batch) -> SequenceLogProbs:
-    """One forward pass of ``model`` on ``batch``; differentiable when grad is enabled.
+def response_logits(model, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward pass: the logits that score each response token (N, L, V), the tokens (N, L)
+    and the mask (N, L) (see `Batch.response_positions`); differentiable when grad is enabled.
 
-    The logit at position p predicts the token at p+1, so response token j of row i
-    (at ``start[i] + j``) is scored by the logit at ``start[i] + j - 1``. For transformers
-    models (`body_and_head`) the lm_head runs only at those N·L positions.
+    For transformers models (`body_and_head`) the lm_head runs only at those N·L positions.
+    Half-precision logits are returned in float32 (the log-softmax is taken in float32).
     """
-    N, T = batch.input_ids.shape
-    L = int(batch.lengths.max())
-    j = torch.arange(L, device=batch.input_ids.device)
-    mask = j[None, :] < batch.lengths[:, None]                                   # (N, L)
-    tgt_pos = (batch.start[:, None] + j[None, :]).clamp(max=T - 1)               # (N, L) positions of y^j
-    targets = batch.input_ids.gather(1, tgt_pos)                                 # (N, L)
-    pred_pos = tgt_pos - 1                                                       # (N, L) their predictors
+    tgt, mask = batch.response_positions()                                       # (N, L) each
+    targets = batch.input_ids.gather(1, tgt)                                     # (N, L)
+    pred_pos = tgt - 1                                                           # (N, L) their predictors
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     split = body_and_head(model)
     if split is not None:
@@ -236,18 +274,23 @@ def batch_logprobs(model, batch: Batch) -> SequenceLogProbs:
         logits = model(**inputs).logits                                         # (N, T, V)
         pred = logits.gather(1, pred_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V)
     if pred.dtype in (torch.float16, torch.bfloat16):
-        pred = pred.float()  # log-softmax in float32 for half-precision models
+        pred = pred.float()
+    return pred, targets, mask
+
+
+def batch_logprobs(model, batch: Batch) -> SequenceLogProbs:
+    """Response log-probs of the N sequences of ``batch`` from one forward pass
+    (`response_logits`); differentiable when grad is enabled."""
+    pred, targets, mask = response_logits(model, batch)                          # (N, L, V), (N, L), (N, L)
     token_logps = -F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")  # (N, L)
-    token_logps = token_logps * mask
-    return SequenceLogProbs(token_logps, mask, batch.lengths)
+    return SequenceLogProbs(token_logps * mask, mask, batch.lengths)
 
 
 def sequence_logprobs(model, seqs: Sequence[TokenizedSequence], pad_id: int, *,
                       padding_side: str = "right") -> SequenceLogProbs:
     """Log-probs of the responses of ``seqs`` in one forward pass (see `batch_logprobs`)."""
-    _check_context(model, seqs)
-    device = next(model.parameters()).device
-    return batch_logprobs(model, collate(seqs, pad_id, padding_side, device))
+    check_context(model, seqs)
+    return batch_logprobs(model, collate(seqs, pad_id, padding_side, model_device(model)))
 
 
 @dataclass
@@ -279,28 +322,49 @@ def _fingerprint(w: TokenizedSequence, l: TokenizedSequence) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def reference_logprobs(model, pairs: TokenizedPairs, *, batch_size: int = 8,
-                       padding_side: str = "right") -> pd.DataFrame:
-    """Reference log-probs ``log π_ref(y_w|x)``, ``log π_ref(y_l|x)`` of every pair.
+def pair_fingerprints(pairs: TokenizedPairs) -> list[str]:
+    """A hash of each pair's prompt and response token ids (the ``fingerprint`` column)."""
+    return [_fingerprint(w, l) for w, l in zip(pairs.chosen, pairs.rejected)]
 
-    Runs in eval mode without grad (restoring the model's mode). Returns a DataFrame with
-    columns `REF_COLUMNS`; ``fingerprint`` hashes the token ids so a cache can detect staleness.
+
+LOGPROB_COLUMNS = ["pair_id", "logp_w", "logp_l", "logp_w_norm", "logp_l_norm", "len_w", "len_l",
+                   "n_prompt_truncated", "fingerprint"]
+TOKEN_COLUMNS = ["tokens_w", "tokens_l", "token_logps_w", "token_logps_l"]
+
+
+def logprobs_table(model, pairs: TokenizedPairs, *, batch_size: int = 8, padding_side: str = "right",
+                   tokens: bool = False) -> pd.DataFrame:
+    """Chosen and rejected log-probs of every pair, ``batch_size`` pairs per forward pass.
+
+    One row per pair with `LOGPROB_COLUMNS` (``fingerprint`` hashes the pair's token ids, so a
+    cache can detect staleness); ``tokens=True`` adds `TOKEN_COLUMNS` (decoded response tokens
+    and per-token log-probs, lists). Eval mode, no grad; the model's mode is restored.
     """
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with scoring_mode(model):
         for lo in range(0, len(pairs), batch_size):
             sub = pairs.subset(range(lo, min(lo + batch_size, len(pairs))))
             out = pair_logprobs(model, sub, padding_side=padding_side)
+            per_w, per_l = out.chosen.per_sequence(), out.rejected.per_sequence()
             for k, pid in enumerate(sub.pair_ids):
-                rows.append(dict(pair_id=pid, ref_w=float(out.chosen.logp[k]), ref_l=float(out.rejected.logp[k]),
-                                 len_w=int(out.chosen.lengths[k]), len_l=int(out.rejected.lengths[k]),
-                                 fingerprint=_fingerprint(sub.chosen[k], sub.rejected[k])))
-    finally:
-        model.train(was_training)
-    return pd.DataFrame(rows, columns=REF_COLUMNS)
+                w, l = sub.chosen[k], sub.rejected[k]
+                row = dict(pair_id=pid, logp_w=float(out.chosen.logp[k]), logp_l=float(out.rejected.logp[k]),
+                           logp_w_norm=float(out.chosen.logp_norm[k]), logp_l_norm=float(out.rejected.logp_norm[k]),
+                           len_w=int(out.chosen.lengths[k]), len_l=int(out.rejected.lengths[k]),
+                           n_prompt_truncated=w.n_prompt_truncated, fingerprint=_fingerprint(w, l))
+                if tokens:
+                    row.update(tokens_w=list(w.tokens), tokens_l=list(l.tokens),
+                               token_logps_w=per_w[k].tolist(), token_logps_l=per_l[k].tolist())
+                rows.append(row)
+    return pd.DataFrame(rows, columns=LOGPROB_COLUMNS + (TOKEN_COLUMNS if tokens else []))
+
+
+def reference_logprobs(model, pairs: TokenizedPairs, *, batch_size: int = 8,
+                       padding_side: str = "right") -> pd.DataFrame:
+    """Reference log-probs ``log π_ref(y_w|x)``, ``log π_ref(y_l|x)`` of every pair: the columns
+    `REF_COLUMNS` of `logprobs_table` (``logp_w``, ``logp_l`` renamed ``ref_w``, ``ref_l``)."""
+    table = logprobs_table(model, pairs, batch_size=batch_size, padding_side=padding_side)
+    return table.rename(columns={"logp_w": "ref_w", "logp_l": "ref_l"})[REF_COLUMNS]
 
 
 def model_fingerprint(model) -> str:
@@ -316,35 +380,3 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def cached_reference_logprobs(model, pairs: TokenizedPairs, path: str | Path, *,
-                              batch_size: int = 8, context: object = None) -> pd.DataFrame:
-    """`reference_logprobs`, read from / written to the Parquet file ``path``.
-
-    A cached row is reused only when both its token fingerprint (the pair's prompt and response
-    ids, hence tokenizer and truncation) and the cache key match; the key hashes
-    `model_fingerprint` (identity and all weights, so another model or the model after a
-    different SFT never reuses a cache) and ``context`` (anything else the values depend on,
-    given by the caller: model name, tokenizer, truncation, dtype, device). Missing or stale
-    rows are recomputed and the file rewritten atomically (stale rows dropped). Returns rows in
-    the order of ``pairs``.
-    """
-    from dynamics.record import _atomic_write_bytes
-
-    path = Path(path)
-    key = hashlib.blake2b(f"{model_fingerprint(model)}|{context!r}".encode(), digest_size=16).hexdigest()
-    have = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=REF_COLUMNS + ["cache_key"])
-    if "cache_key" not in have:  # a cache from before keys: its model is unknown, never reuse it
-        have = have.iloc[:0].assign(cache_key=pd.Series(dtype=str))
-    want = {pid: _fingerprint(w, l) for pid, w, l in zip(pairs.pair_ids, pairs.chosen, pairs.rejected)}
-    good = have[(have["pair_id"].map(want) == have["fingerprint"]) & (have["cache_key"] == key)]
-    todo = [i for i, pid in enumerate(pairs.pair_ids) if pid not in set(good["pair_id"])]
-    if todo or len(good) != len(have):
-        if todo:
-            new = reference_logprobs(model, pairs.subset(todo), batch_size=batch_size).assign(cache_key=key)
-            good = pd.concat([good, new], ignore_index=True) if len(good) else new
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame = good.reset_index(drop=True)
-        _atomic_write_bytes(path, lambda f: frame.to_parquet(f, index=False))
-    return good.drop(columns="cache_key").set_index("pair_id").loc[pairs.pair_ids].reset_index()

@@ -32,16 +32,17 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jacrev, vmap
 
-from dynamics.logprobs import (Batch, TokenizedPairs, TokenizedSequence, _check_context, batch_logprobs,
-                               collate, unwrap)
+from dynamics.core.logprobs import (Batch, TokenizedPairs, TokenizedSequence, batch_logprobs, check_context,
+                                    collate, model_device, unwrap)
 
-__all__ = ["IMPLS", "LEVELS", "select_params", "TokenGram", "sentence_gram", "token_gram",
-           "pair_inner_products", "make_gram_fn", "flat_grads", "token_flat_grads"]
+__all__ = ["IMPLS", "select_params", "TokenGram", "sentence_gram", "token_gram",
+           "pair_inner_products", "flat_grads", "token_flat_grads", "resolve_params", "analysis_mode",
+           "split_params", "functional_logits", "gram_of", "requiring_grad"]
 
 IMPLS = ("ghost", "func", "autograd")
 """Implementations, fastest first; all exact and equal to float64 round-off (tested).
 
-- ``"ghost"`` (`dynamics.ghost`): one forward/backward over the whole batch with hooks; for each
+- ``"ghost"`` (`dynamics.core.ghost`): one forward/backward over the whole batch with hooks; for each
   linear layer ``⟨g_i,g_j⟩ = Σ_{τσ} (A_i A_jᵀ)_{τσ} (B_i B_jᵀ)_{τσ}`` — cost ``T_i T_j (d_in+d_out)``,
   never materializes a per-example gradient. The default.
 - ``"func"``: `torch.func` per-example gradients, ``vmap(grad(logp))`` (sentence) or
@@ -50,7 +51,6 @@ IMPLS = ("ghost", "func", "autograd")
 - ``"autograd"``: one ``torch.autograd.grad`` per sequence (per token) on an unpadded forward,
   flattened and concatenated. Obviously correct, slowest: the oracle of the tests.
 """
-LEVELS = ("sentence", "token")
 
 
 # ------------------------------------------------------------------ parameter selection
@@ -100,7 +100,7 @@ def select_params(model, which: str | Sequence[str] = "all") -> dict[str, torch.
     return {n: p for n, p in named.items() if id(p) in chosen}
 
 
-def _resolve_params(model, params) -> dict[str, torch.nn.Parameter]:
+def resolve_params(model, params) -> dict[str, torch.nn.Parameter]:
     """``params`` as accepted by the public functions -> canonical-name dict (checked)."""
     if not isinstance(params, Mapping):
         return select_params(model, params)
@@ -119,7 +119,7 @@ def _check_impl(impl: str) -> None:
 
 
 @contextlib.contextmanager
-def _analysis_mode(model, eager: bool = False) -> Iterator[None]:
+def analysis_mode(model, eager: bool = False) -> Iterator[None]:
     """Eval mode (dropout and activation checkpointing off), grad enabled, optionally eager
     attention (vmap, jvp), and without the input-requires-grad hook that trainers add for PEFT +
     checkpointing (``requires_grad_`` inside a torch.func transform is an error); the caller's
@@ -148,10 +148,6 @@ def _analysis_mode(model, eager: bool = False) -> Iterator[None]:
         model.train(was_training)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ------------------------------------------------------------------ autograd: the oracle
 
 def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
@@ -160,7 +156,7 @@ def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
 
 
 @contextlib.contextmanager
-def _requiring_grad(params: Sequence[Tensor]) -> Iterator[None]:
+def requiring_grad(params: Sequence[Tensor]) -> Iterator[None]:
     """Temporarily ``requires_grad=True`` on ``params`` (e.g. frozen base weights under PEFT)."""
     flags = [p.requires_grad for p in params]
     try:
@@ -174,14 +170,14 @@ def _requiring_grad(params: Sequence[Tensor]) -> Iterator[None]:
 
 def _single_token_logps(model, seq: TokenizedSequence) -> Tensor:
     """(|y|,) token log-probs of one unpadded sequence (a batch of one, no padding anywhere)."""
-    return batch_logprobs(model, collate([seq], 0, "right", _device(model))).token_logps[0]
+    return batch_logprobs(model, collate([seq], 0, "right", model_device(model))).token_logps[0]
 
 
 def token_flat_grads(model, seq: TokenizedSequence, params) -> Tensor:
     """(|y|, P) rows ``g^t = ∇_θ log π(y^t|x,y^<t)`` flattened: one forward, one grad per token."""
-    params = _resolve_params(model, params)
+    params = resolve_params(model, params)
     ps = list(params.values())
-    with _analysis_mode(model), _requiring_grad(ps):
+    with analysis_mode(model), requiring_grad(ps):
         lp = _single_token_logps(model, seq)                                          # (L,)
         rows = [_flat(torch.autograd.grad(lp[t], ps, retain_graph=True, allow_unused=True), ps)
                 for t in range(lp.shape[0])]
@@ -193,10 +189,10 @@ def flat_grads(model, seqs: Sequence[TokenizedSequence], pad_id: int, params="al
 
     ``pad_id`` is unused (no padding: each sequence runs alone); kept for a uniform signature.
     """
-    params = _resolve_params(model, params)
+    params = resolve_params(model, params)
     ps = list(params.values())
     rows = []
-    with _analysis_mode(model), _requiring_grad(ps):
+    with analysis_mode(model), requiring_grad(ps):
         for s in seqs:
             logp = _single_token_logps(model, s).sum()
             rows.append(_flat(torch.autograd.grad(logp, ps, allow_unused=True), ps))
@@ -205,7 +201,7 @@ def flat_grads(model, seqs: Sequence[TokenizedSequence], pad_id: int, params="al
 
 # ------------------------------------------------------------------ torch.func
 
-def _split_params(model, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def split_params(model, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(θ detached, every other parameter and buffer detached as constants) for functional_call.
 
     Tied weights: the dicts hold each tensor under its canonical name only; functional_call with
@@ -219,7 +215,7 @@ def _split_params(model, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], 
     return theta, consts
 
 
-def _logits(model, theta, consts, input_ids: Tensor, attention_mask: Tensor | None,
+def functional_logits(model, theta, consts, input_ids: Tensor, attention_mask: Tensor | None,
             position_ids: Tensor) -> Tensor:
     """(T, V) logits of one sequence (T,) with parameters ``theta`` substituted."""
     kwargs = dict(input_ids=input_ids[None], position_ids=position_ids[None])           # (1, T)
@@ -231,14 +227,14 @@ def _logits(model, theta, consts, input_ids: Tensor, attention_mask: Tensor | No
 def _func_sentence_grads(model, batch: Batch, params: dict[str, Tensor],
                          chunk_size: int | None) -> dict[str, Tensor]:
     """Per-example grads ``name -> (N, *shape)`` by ``vmap(grad(logp))`` over right-padded rows."""
-    theta, consts = _split_params(model, params)
+    theta, consts = split_params(model, params)
     N, T = batch.input_ids.shape
     pos = torch.arange(T, device=batch.input_ids.device)
     rel = pos[None, :] - batch.start[:, None]
     target_mask = (rel >= 0) & (rel < batch.lengths[:, None])                    # (N, T) response positions
 
     def logp(theta, input_ids, attention_mask, position_ids, target_mask):       # one example, (T,) each
-        logits = _logits(model, theta, consts, input_ids, attention_mask, position_ids)   # (T, V)
+        logits = functional_logits(model, theta, consts, input_ids, attention_mask, position_ids)   # (T, V)
         # logit at p-1 scores the token at p: log π(x_p | x_<p), p = 1..T-1
         lp = torch.log_softmax(logits[:-1], -1).gather(-1, input_ids[1:, None])[:, 0]     # (T-1,)
         return torch.where(target_mask[1:], lp, torch.zeros_like(lp)).sum()      # Σ_t log π(y^t|x,y^<t)
@@ -250,13 +246,13 @@ def _func_sentence_grads(model, batch: Batch, params: dict[str, Tensor],
 def _func_token_jacobian(model, seq: TokenizedSequence, params: dict[str, Tensor],
                          chunk_size: int | None) -> dict[str, Tensor]:
     """Per-token grads ``name -> (|y|, *shape)``: ``jacrev`` of the token log-prob vector."""
-    theta, consts = _split_params(model, params)
-    dev = _device(model)
+    theta, consts = split_params(model, params)
+    dev = model_device(model)
     ids = torch.tensor(seq.prompt_ids + seq.response_ids, device=dev)            # (T,) no padding
     P, T = len(seq.prompt_ids), seq.length
 
     def token_logps(theta):                                                      # -> (|y|,)
-        logits = _logits(model, theta, consts, ids, None, torch.arange(T, device=dev))   # (T, V)
+        logits = functional_logits(model, theta, consts, ids, None, torch.arange(T, device=dev))   # (T, V)
         return torch.log_softmax(logits[P - 1:T - 1], -1).gather(-1, ids[P:, None])[:, 0]
 
     return jacrev(token_logps, chunk_size=chunk_size)(theta)
@@ -274,7 +270,7 @@ def _dot(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> Tensor:
     return out.to(a.dtype)
 
 
-def _gram_of(ga: dict[str, Tensor], gb: dict[str, Tensor]) -> Tensor:
+def gram_of(ga: dict[str, Tensor], gb: dict[str, Tensor]) -> Tensor:
     """``Σ_params flat(ga) flat(gb)ᵀ``: (Na, Nb), accumulated one parameter at a time."""
     return sum(_dot(a.flatten(1), gb[n].flatten(1)).double() for n, a in ga.items()).to(next(iter(ga.values())).dtype)
 
@@ -311,18 +307,18 @@ def sentence_gram(model, seqs: Sequence[TokenizedSequence], pad_id: int, *, para
     vmap width of ``impl="func"`` (memory ∝ chunk × P); other impls ignore it.
     """
     _check_impl(impl)
-    params = _resolve_params(model, params)
-    _check_context(model, seqs)
+    params = resolve_params(model, params)
+    check_context(model, seqs)
     if impl == "autograd":
         g = flat_grads(model, seqs, pad_id, params)                              # (N, P)
         return _dot(g, g)
     if impl == "ghost":
-        from dynamics.ghost import ghost_sentence_gram
-        with _analysis_mode(model):
-            return ghost_sentence_gram(model, collate(seqs, pad_id, "right", _device(model)), params)
-    with _analysis_mode(model, eager=True):
-        g = _func_sentence_grads(model, collate(seqs, pad_id, "right", _device(model)), params, chunk_size)
-    return _gram_of(g, g)
+        from dynamics.core.ghost import ghost_sentence_gram
+        with analysis_mode(model):
+            return ghost_sentence_gram(model, collate(seqs, pad_id, "right", model_device(model)), params)
+    with analysis_mode(model, eager=True):
+        g = _func_sentence_grads(model, collate(seqs, pad_id, "right", model_device(model)), params, chunk_size)
+    return gram_of(g, g)
 
 
 def token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, pad_id: int, *, params="all",
@@ -333,22 +329,22 @@ def token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, pad_id
     the number of token vjps vmapped at once by ``jacrev`` (``impl="func"``) or the ghost engine.
     """
     _check_impl(impl)
-    params = _resolve_params(model, params)
-    _check_context(model, [seq_a, seq_b])
+    params = resolve_params(model, params)
+    check_context(model, [seq_a, seq_b])
     same = seq_a == seq_b
     if impl == "ghost":
-        from dynamics.ghost import ghost_token_gram
-        with _analysis_mode(model):
+        from dynamics.core.ghost import ghost_token_gram
+        with analysis_mode(model):
             M, sq_a, sq_b = ghost_token_gram(model, seq_a, seq_b, pad_id, params, chunk_size)
     elif impl == "autograd":
         ga = token_flat_grads(model, seq_a, params)                              # (La, P)
         gb = ga if same else token_flat_grads(model, seq_b, params)              # (Lb, P)
         M, sq_a, sq_b = _dot(ga, gb), ga.double().pow(2).sum(1).to(ga.dtype), gb.double().pow(2).sum(1).to(gb.dtype)
     else:
-        with _analysis_mode(model, eager=True):
+        with analysis_mode(model, eager=True):
             ja = _func_token_jacobian(model, seq_a, params, chunk_size)          # name -> (La, *shape)
             jb = ja if same else _func_token_jacobian(model, seq_b, params, chunk_size)
-        M, sq_a, sq_b = _gram_of(ja, jb), _sq_of(ja), _sq_of(jb)
+        M, sq_a, sq_b = gram_of(ja, jb), _sq_of(ja), _sq_of(jb)
     return TokenGram(M, sq_a, sq_b, tuple(seq_a.tokens), tuple(seq_b.tokens))
 
 
@@ -367,20 +363,3 @@ def pair_inner_products(model, pairs: TokenizedPairs, *, params="all", impl: str
     denom = (sq_w * sq_l).sqrt()
     cos = torch.where(denom > 0, ip / denom.clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(ip))
     return dict(ip_wl=ip, sq_w=sq_w, sq_l=sq_l, cos_wl=cos)
-
-
-def make_gram_fn(model, pad_id: int, *, level: str = "sentence", params="all", impl: str = "ghost",
-                 chunk_size: int | None = None) -> Callable:
-    """A Gram function with the model, parameters and implementation bound (validated now).
-
-    ``level="sentence"``: ``fn(seqs) -> (N, N)``; ``level="token"``: ``fn(seq_a, seq_b) -> TokenGram``.
-    See `IMPLS` for the trade-offs between implementations.
-    """
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; known: {', '.join(LEVELS)}")
-    _check_impl(impl)
-    params = _resolve_params(model, params)
-    kw = dict(params=params, impl=impl, chunk_size=chunk_size)
-    if level == "sentence":
-        return lambda seqs: sentence_gram(model, seqs, pad_id, **kw)
-    return lambda seq_a, seq_b: token_gram(model, seq_a, seq_b, pad_id, **kw)

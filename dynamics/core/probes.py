@@ -22,16 +22,15 @@ evaluation (or freeze them at step 0, to follow one fixed y*).
 """
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from dynamics.logprobs import (TokenizedSequence, _check_context, body_and_head, collate,
-                               tokenize_response)
+from dynamics.core.logprobs import (TokenizedSequence, check_context, collate, model_device, response_logits,
+                                    scoring_mode, tokenize_response)
 
 __all__ = ["Probe", "ProbeList", "PROBE_NAMES", "probe_set", "model_probes", "probe_metrics", "METRICS"]
 
@@ -72,7 +71,7 @@ def _shuffle_words(text: str, rng: random.Random) -> str | None:
 
 def probe_set(pair, *, others: Sequence, held_out=None, rephrases: Sequence[str] = (),
               seed: int = 0) -> ProbeList:
-    """The model-independent probes of ``pair`` (a `dynamics.data.PreferencePair`), all under
+    """The model-independent probes of ``pair`` (a `dynamics.inputs.data.PreferencePair`), all under
     ``pair.prompt``.
 
     ``others``: other *training* pairs; one with a different prompt and a different chosen
@@ -116,41 +115,9 @@ def probe_set(pair, *, others: Sequence, held_out=None, rephrases: Sequence[str]
 
 # ------------------------------------------------------------------ model-dependent probes
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _response_logits(model, seqs: Sequence[TokenizedSequence], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One right-padded forward over ``seqs``: logits predicting each response token (N, L, V),
-    the targets (N, L) and the mask (N, L). The lm_head runs only at those rows when it can."""
-    b = collate(seqs, pad_id, "right", _device(model))
-    N, T = b.input_ids.shape
-    j = torch.arange(int(b.lengths.max()), device=b.input_ids.device)
-    mask = j[None, :] < b.lengths[:, None]                                       # (N, L)
-    tgt = (b.start[:, None] + j[None, :]).clamp(max=T - 1)                       # (N, L)
-    inputs = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
-    split = body_and_head(model)
-    if split is not None:
-        h = split[0](**inputs, use_cache=False).last_hidden_state                # (N, T, d)
-        logits = split[1](h.gather(1, (tgt - 1)[..., None].expand(-1, -1, h.shape[-1])))  # (N, L, V)
-    else:
-        full = model(**inputs).logits                                            # (N, T, V)
-        logits = full.gather(1, (tgt - 1)[..., None].expand(-1, -1, full.shape[-1]))
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return logits, b.input_ids.gather(1, tgt), mask
-
-
-@contextlib.contextmanager
-def _eval(model) -> Iterator[None]:
-    """Eval mode without grad, the caller's mode restored."""
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
+    """`response_logits` of ``seqs`` right-padded into one batch: (N, L, V), (N, L), (N, L)."""
+    return response_logits(model, collate(seqs, pad_id, "right", model_device(model)))
 
 
 def model_probes(model, tokenizer, pair, max_new_tokens: int = 32) -> ProbeList:
@@ -160,7 +127,7 @@ def model_probes(model, tokenizer, pair, max_new_tokens: int = 32) -> ProbeList:
     with the reason in ``skipped``. Both probes carry their exact ``response_ids``."""
     seq = tokenize_response(tokenizer, pair.prompt, pair.chosen)
     out = ProbeList()
-    with _eval(model):
+    with scoring_mode(model):
         logits, _, _ = _response_logits(model, [seq], 0)                         # (1, L, V)
         ystar = tuple(logits[0].argmax(-1).tolist())
         out.append(Probe("argmax_teacher", pair.prompt, tokenizer.decode(list(ystar)), ystar))
@@ -171,7 +138,7 @@ def model_probes(model, tokenizer, pair, max_new_tokens: int = 32) -> ProbeList:
         gen: list[int] = []
         stop = f"reached max_new_tokens={max_new_tokens}"
         for _ in range(limit):
-            nxt = int(model(input_ids=torch.tensor([ids + gen], device=_device(model))).logits[0, -1].argmax())
+            nxt = int(model(input_ids=torch.tensor([ids + gen], device=model_device(model))).logits[0, -1].argmax())
             if eos is not None and nxt == eos:
                 stop = "EOS"
                 break
@@ -222,9 +189,9 @@ def probe_metrics(model, tokenizer, prompt: str | None, probes: Sequence[Probe],
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     prompts = [prompt if prompt is not None else p.prompt for p in probes]
     seqs = [_tokenize_probe(tokenizer, x, p) for x, p in zip(prompts, probes)]
-    _check_context(model, seqs)
+    check_context(model, seqs)
     records = []
-    with _eval(model):
+    with scoring_mode(model):
         for lo in range(0, len(seqs), batch_size):
             chunk = seqs[lo:lo + batch_size]
             logits, y, mask = _response_logits(model, chunk, pad)                # (N, L, V), (N, L), (N, L)

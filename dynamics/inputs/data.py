@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dynamics import statements
+from dynamics.inputs import statements
 from dynamics.errors import InputError
 
 
@@ -486,7 +486,7 @@ def load_hf_sentiment(
 def builtin_sentiment_pairs(
     style: str = "long_suffix", *, n: int | None = None, seed: int = 0, template: str = DEFAULT_TEMPLATE
 ) -> PairList:
-    """Sentiment pairs from the built-in statements (`dynamics.statements`), no data needed.
+    """Sentiment pairs from the built-in statements (`dynamics.inputs.statements`), no data needed.
 
     Balanced and deterministically shuffled as in `load_tweets`; `n` keeps the
     first `n`. Ids (`pos-017`, `neg-042`) index the statement lists and do not
@@ -516,6 +516,26 @@ def sentiment_pairs(
     if path.suffix.lower() == ".csv" and {"textID", "text", "sentiment"} <= set(_read_csv(path, nrows=0).columns):
         return load_tweets(path, style, limit=limit, seed=seed, template=template)
     return load_pairs(path, limit=limit)
+
+
+DATA_KINDS = ("sentiment", "tldr", "pairs")
+"""How a data source is read: ``sentiment`` (a tweets CSV, ``hf:NAME``, or None: the built-in
+statements; turned into pairs of response ``style``), ``tldr`` (OpenAI comparisons JSON),
+``pairs`` (JSONL/CSV/Parquet/JSON rows with ``prompt, chosen, rejected``, or ``hf:NAME``)."""
+
+
+def load_kind(kind: str, source: str | Path | None, *, style: str = "long_suffix", limit: int | None = None,
+              seed: int = 0) -> list:
+    """The validated pairs of ``source`` read as ``kind`` (one of `DATA_KINDS`), at most ``limit``."""
+    if kind not in DATA_KINDS:
+        raise InputError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
+    if kind == "sentiment":
+        return sentiment_pairs(source, style, limit=limit, seed=seed)
+    if source is None:
+        raise InputError(f"data kind {kind!r} needs a data file (--data)")
+    if kind == "tldr":
+        return load_tldr(source, limit=limit)
+    return load_pairs(source, limit=limit)
 
 
 def split_pairs(
