@@ -11,6 +11,9 @@ Sub-commands::
     dynamics grads --model M ...         gradient inner products (sentence / token level)
     dynamics bench grads                 benchmark the gradient engines against DPO fwd+bwd
     dynamics predict-check               first-order predictions vs one real step (SGD, AdamW)
+    dynamics screen --data D ...         before training: CHES, gradient cosine, predicted case per pair
+    dynamics attribute --data D ...      captum token attributions of log π(y|x) and the margin
+    dynamics diagnose RUN_DIR            why did the chosen log-prob fall? verdict, drivers, what-if, remedies (HTML)
     dynamics trl-dpo                     TRL DPOTrainer + the dynamics callback (SmolLM2, offline)
     dynamics reproduce squeezing         toy softmax, digits and SmolLM2 squeezing-effect figures
     dynamics reproduce sentiment         seed 004 Figs. 3, 4a, 4b: three response styles, SFT + DPO
@@ -29,9 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-DEMO = dict(model="smollm2-135m", data=None, data_kind="sentiment", style="long_suffix", loss="dpo",
-            sft_steps=24, sft_lr=2e-5, steps=40, batch_size=4, lr=5e-6, eval_every=5, n_probe=8,
-            optimizer="adamw", seed=0, token_pairs=1)
+from analyses.presets import DEMO, TRL_DPO
+from dynamics.errors import InputError
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -113,14 +115,18 @@ def _join_negative_numbers(argv: list[str], parser: argparse.ArgumentParser) -> 
 
 
 def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """One flag per `TrainConfig` field, help text from the field's metadata; fields with a fixed
+    """One flag per `TrainConfig` field and per field of its nested `RecorderConfig` (the flags are
+    flat: ``--eval-every``, ``--impl``, ...), help text from the field's metadata; fields with a fixed
     set of values get argparse ``choices``, numbers a finite-number type."""
+    from dynamics.core.grads import IMPLS
     from dynamics.inputs.data import STYLES
-    from dynamics.runs.train import DATA_KINDS, DTYPES, IMPLS, OPTIMIZERS, TrainConfig
+    from dynamics.runs.recorder import RecorderConfig
+    from dynamics.runs.train import DATA_KINDS, DTYPES, OPTIMIZERS, TrainConfig
 
     choices = dict(impl=IMPLS, optimizer=OPTIMIZERS, dtype=tuple(DTYPES), data_kind=DATA_KINDS, style=tuple(STYLES))
     defaults = defaults or {}
-    for f in dataclasses.fields(TrainConfig):
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "recorder"] + list(dataclasses.fields(RecorderConfig))
+    for f in fields:
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{f.metadata.get('help', '')} (default: {default})"
@@ -144,7 +150,7 @@ def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -
 def _config_from_args(args) -> "TrainConfig":
     from dynamics.runs.train import TrainConfig
 
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return TrainConfig.from_flat(**{name: getattr(args, name) for name in TrainConfig().flat()})
 
 
 def cmd_losses(args) -> int:
@@ -287,28 +293,83 @@ def cmd_bench(args) -> int:
 def cmd_predict_check(args) -> int:
     import pandas as pd
 
-    from analyses.predictions import adamw_steps, sgd_self_step, summarize_errors
-    from dynamics.runs.train import DTYPES
+    from analyses.predictions import predict_check
     from dynamics.core.logprobs import tokenize_pairs
     from dynamics.inputs.models import load_model
+    from dynamics.runs.train import DTYPES
 
     model, tok = load_model(args.model, dtype=DTYPES[args.dtype])
     pairs = tokenize_pairs(tok, _load_pairs_for(args), max_length=args.max_length)
+    tables = predict_check(model, pairs, args.out, n_probe=args.pairs, lrs=args.lrs, loss=args.loss,
+                           ref_offset=args.ref_offset, adam_steps=args.adam_steps, adam_lr=args.adam_lr)
     n = min(args.pairs, len(pairs) // 2)
-    probe, train = pairs.subset(range(n)), pairs.subset(range(n, len(pairs)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sgd = sgd_self_step(model, probe, args.lrs, loss=args.loss, ref_offset=(args.ref_offset, -args.ref_offset))
-    adam = adamw_steps(model, train, probe, steps=args.adam_steps, lr=args.adam_lr, loss=args.loss)
-    sgd.to_parquet(out / "sgd_self_step.parquet", index=False)
-    adam.to_parquet(out / "adamw_steps.parquet", index=False)
-    tables = summarize_errors(sgd, adam)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"SGD, one step on each probe pair's own {args.loss} loss ({n} pairs): median relative error")
         print(tables["sgd"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         print(f"\nAdamW lr={args.adam_lr}, {args.adam_steps} steps on training batches, {n} probe pairs:")
         print(tables["adamw"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"\nwrote {out}/sgd_self_step.parquet, {out}/adamw_steps.parquet")
+    print(f"\nwrote {args.out}/sgd_self_step.parquet, {args.out}/adamw_steps.parquet")
+    return 0
+
+
+def _tokenized_for(args):
+    """The model, tokenizer and tokenized pairs a data command names (``--model``, data flags)."""
+    from dynamics.core.logprobs import tokenize_pairs
+    from dynamics.inputs.models import load_model
+    from dynamics.runs.train import DTYPES
+
+    pairs = _load_pairs_for(args)
+    model, tok = load_model(args.model, device=args.device, dtype=DTYPES[getattr(args, "dtype", "float32")])
+    return model, tok, tokenize_pairs(tok, pairs, max_length=args.max_length)
+
+
+def cmd_screen(args) -> int:
+    from dynamics.core.screen import screen_pairs, screen_summary
+
+    model, _, tp = _tokenized_for(args)
+    table = screen_pairs(model, tp, loss=args.loss, lr=args.lr, impl=args.impl, batch_size=args.batch_size,
+                         progress=lambda done, total: print(f"{done}/{total} pairs", file=sys.stderr))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(args.out, index=False)
+    print(json.dumps(screen_summary(table, top=args.top), indent=2))
+    print(f"wrote {len(table)} pairs to {args.out}")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    import pandas as pd
+
+    from dynamics.core.attribution import attribution_frame, token_attributions
+
+    model, tok, tp = _tokenized_for(args)
+    wanted = args.pairs or tp.pair_ids[: args.first]
+    unknown = [p for p in wanted if p not in tp.pair_ids]
+    if unknown:
+        raise InputError(f"--pairs: no pair with id {unknown[:5]} in the data (ids look like {tp.pair_ids[:3]})")
+    frames = []
+    for pid in wanted:
+        k = tp.pair_ids.index(pid)
+        w, l = tp.chosen[k], tp.rejected[k]
+        for target in args.targets:  # "rejected" and "margin" take the rejected response as seq_other
+            attr = token_attributions(model, w, tp.pad_id, target=target, seq_other=None if target == "chosen" else l,
+                                      tokenizer=tok,
+                                      n_steps=args.n_steps, baseline=args.baseline)
+            frames.append(attribution_frame(attr).assign(pair_id=pid, delta=attr.delta,
+                                                         gap=attr.value - attr.baseline_value))
+            print(f"{pid} {target}: f(x) - f(baseline) = {attr.value - attr.baseline_value:.4g}, "
+                  f"convergence delta {attr.delta:.2g}", file=sys.stderr)
+    table = pd.concat(frames, ignore_index=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(args.out, index=False)
+    print(f"wrote {len(table)} token attributions of {len(wanted)} pairs to {args.out}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from dynamics.tools.diagnose import diagnose
+
+    path = diagnose(args.run_dir, args.out, top_k=args.top)
+    print(f"wrote {path}")
     return 0
 
 
@@ -402,8 +463,6 @@ def cmd_plot(args) -> int:
 # ----------------------------------------------------------------------------- checks before work
 def _writable_dir(start: Path, flag: str, value) -> None:
     """The nearest existing ancestor of ``start`` must be a writable directory."""
-    from dynamics.errors import InputError
-
     d = start
     while not d.exists() and d != d.parent:
         d = d.parent
@@ -414,8 +473,6 @@ def _writable_dir(start: Path, flag: str, value) -> None:
 
 
 def _check_out_file(value, flag: str = "--out") -> None:
-    from dynamics.errors import InputError
-
     out = Path(value)
     if out.is_dir():
         raise InputError(f"{flag} {str(value)!r} is a directory; this command writes one file there "
@@ -424,8 +481,6 @@ def _check_out_file(value, flag: str = "--out") -> None:
 
 
 def _check_out_dir(value, flag: str = "--out") -> None:
-    from dynamics.errors import InputError
-
     out = Path(value)
     if out.exists() and not out.is_dir():
         raise InputError(f"{flag} {str(value)!r} is an existing file; this command writes a directory")
@@ -436,10 +491,14 @@ def _preflight(args) -> None:
     """Check the arguments that flags alone cannot (files, model names, devices, output paths,
     loss hyper-parameters) before any model or data set is loaded. `train`/`demo` are checked by
     `TrainConfig` (the same checks, also for library callers)."""
-    from dynamics.errors import InputError
-
     cmd = args.command
     if cmd in ("train", "demo", "losses", "fetch-model"):
+        return
+    if cmd == "diagnose":
+        from dynamics.runs.rundir import read_config
+        read_config(args.run_dir)                     # a run directory with a readable config.json
+        if args.out is not None and not Path(args.out).is_dir():
+            _check_out_file(args.out)
         return
     if cmd == "plot":
         run = Path(args.run_dir)
@@ -469,7 +528,7 @@ def _preflight(args) -> None:
             raise InputError(f"lr must be > 0, got {args.lr:g}")
         resolve_hyper("dpo", {"beta": args.beta})
         _check_out_dir(args.out)
-    elif cmd == "logprobs" or (cmd == "grads" and args.level == "sentence"):
+    elif cmd in ("logprobs", "screen", "attribute") or (cmd == "grads" and args.level == "sentence"):
         _check_out_file(args.out)
     elif cmd == "grads" or cmd == "predict-check":
         _check_out_dir(args.out)
@@ -568,17 +627,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/predict_check")
     p.set_defaults(func=cmd_predict_check)
 
+    p = sub.add_parser("screen", help="before training: per-pair risk scores (CHES, gradient cosine, case) -> Parquet")
+    data_args(p)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--loss", choices=losses, default="dpo", help="loss whose coefficients d_w, d_l at θ₀ are used")
+    p.add_argument("--lr", type=_positive, default=5e-6, help="η of the predicted one-step changes")
+    p.add_argument("--impl", choices=["ghost", "func", "autograd"], default="ghost")
+    p.add_argument("--batch-size", type=pos_int, default=4)
+    p.add_argument("--max-length", type=pos_int, default=None)
+    p.add_argument("--top", type=pos_int, default=10, help="pairs most at risk listed in the summary")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out", required=True, help="Parquet file (put it in a run directory as screen.parquet "
+                   "and `dynamics diagnose` correlates the scores with the realized changes)")
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("attribute", help="captum integrated-gradients token attributions of log-probs and the margin")
+    data_args(p)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--pairs", nargs="+", default=None, help="pair ids (default: the first --first pairs)")
+    p.add_argument("--first", type=pos_int, default=1)
+    p.add_argument("--targets", nargs="+", choices=["chosen", "rejected", "margin"], default=["margin"])
+    p.add_argument("--n-steps", type=pos_int, default=64, help="quadrature points (the convergence delta shows the error)")
+    p.add_argument("--baseline", choices=["pad", "zeros"], default="pad")
+    p.add_argument("--max-length", type=pos_int, default=None)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out", required=True, help="Parquet file (in a run directory as attributions.parquet "
+                   "it is shown by `dynamics diagnose`)")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("diagnose", help="why did the chosen log-prob fall? a self-contained HTML report of a run")
+    p.add_argument("run_dir", help="a run directory of `dynamics train`, the callback, or `reproduce` (one loss)")
+    p.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--top", type=pos_int, default=5, help="pairs listed as drivers")
+    p.set_defaults(func=cmd_diagnose)
+
     p = sub.add_parser("trl-dpo", help="TRL DPOTrainer with the dynamics callback")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default=None, help="tweets CSV or pairs file (default: built-in statements)")
     p.add_argument("--style", choices=styles, default="long_suffix")
-    p.add_argument("--steps", type=pos_int, default=60)
-    p.add_argument("--every", type=pos_int, default=10)
-    p.add_argument("--batch-size", type=pos_int, default=4)
-    p.add_argument("--grad-accum", type=pos_int, default=1)
-    p.add_argument("--lr", type=_finite, default=5e-6)
-    p.add_argument("--beta", type=_finite, default=0.1)
-    p.add_argument("--n-probe", type=pos_int, default=8)
+    p.add_argument("--steps", type=pos_int, default=TRL_DPO["steps"])
+    p.add_argument("--every", type=pos_int, default=TRL_DPO["every"])
+    p.add_argument("--batch-size", type=pos_int, default=TRL_DPO["batch_size"])
+    p.add_argument("--grad-accum", type=pos_int, default=TRL_DPO["grad_accum"])
+    p.add_argument("--lr", type=_finite, default=TRL_DPO["lr"])
+    p.add_argument("--beta", type=_finite, default=TRL_DPO["beta"])
+    p.add_argument("--n-probe", type=pos_int, default=TRL_DPO["n_probe"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/trl_dpo")
     p.set_defaults(func=cmd_trl_dpo)

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from dynamics.tools.plots import CHOSEN, REJECTED, STYLE, new_axes, save_figure
+from dynamics.tools.plots import CHOSEN, REJECTED, STYLE, save_figure
 
 PROBE_COLORS = {"chosen": CHOSEN, "rejected": REJECTED, "argmax_teacher": "#1b7837", "greedy": "#762a83",
                 "other_chosen": "#e08214", "held_out_chosen": "#8c510a", "chosen_shuffled": "#878787",
@@ -24,10 +24,10 @@ def run_llm_squeezing(out: str | Path, *, quick: bool = True, model: str = "smol
     """SFT then DPO with probes recorded; returns the run directory (`dynamics.runs.rundir.RunDir`)."""
     from dynamics.runs.train import TrainConfig, train
 
-    cfg = TrainConfig(out=str(out), model=model, style="long_suffix", loss="dpo", sft_steps=16 if quick else 40,
-                      sft_lr=2e-5, steps=24 if quick else 80, batch_size=4, lr=5e-6 if quick else 5e-6,
-                      eval_every=4, n_probe=4 if quick else 8, token_pairs=0, whatif=False, probes=True,
-                      seed=seed, progress=True)
+    from analyses.presets import SQUEEZING_LLM, SQUEEZING_LLM_COMMON
+
+    cfg = TrainConfig.from_flat(out=str(out), model=model, seed=seed, progress=True, **SQUEEZING_LLM_COMMON,
+                                **SQUEEZING_LLM["quick" if quick else "full"])
     return train(cfg)
 
 

@@ -10,6 +10,8 @@ actual change. Both write tidy DataFrames; `summarize_errors` gives the tables o
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import torch
 
@@ -140,3 +142,22 @@ def summarize_errors(sgd: pd.DataFrame | None = None, adam: pd.DataFrame | None 
                  median_err_l=relative_error(a.upd_dl, a.act_dl).median()),
         ])
     return out
+
+
+def predict_check(model, pairs: TokenizedPairs, out: str | Path, *, n_probe: int = 8,
+                  lrs=(1e-6, 1e-5, 1e-4, 1e-3), loss: str = "dpo", ref_offset: float = 1.0, adam_steps: int = 3,
+                  adam_lr: float = 5e-6) -> dict[str, pd.DataFrame]:
+    """`dynamics predict-check`: the first ``min(n_probe, len(pairs) // 2)`` pairs are probes, the
+    rest train. One SGD step of each size in ``lrs`` on each probe pair's own loss (reference =
+    log-probs ∓ ``ref_offset``) and ``adam_steps`` AdamW steps on training batches; writes
+    ``out/sgd_self_step.parquet`` and ``out/adamw_steps.parquet`` and returns `summarize_errors`'
+    tables (``"sgd"``, ``"adamw"``)."""
+    n = min(n_probe, len(pairs) // 2)
+    probe, train = pairs.subset(range(n)), pairs.subset(range(n, len(pairs)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sgd = sgd_self_step(model, probe, lrs, loss=loss, ref_offset=(ref_offset, -ref_offset))
+    adam = adamw_steps(model, train, probe, steps=adam_steps, lr=adam_lr, loss=loss)
+    sgd.to_parquet(out / "sgd_self_step.parquet", index=False)
+    adam.to_parquet(out / "adamw_steps.parquet", index=False)
+    return summarize_errors(sgd, adam)

@@ -7,7 +7,7 @@ settings in ``out/config.json`` and every run's records in ``out/records.parquet
 claims of section 4.2; `write_figures` draws Figures 3, 4a and 4b (PNG + PDF + a JSON sidecar
 with the run configuration) and `claims_markdown` states whether each claim held.
 
-Nothing is tuned to make a claim hold: the settings are fixed in `SETTINGS` before any run.
+Nothing is tuned to make a claim hold: the settings are fixed in `analyses.presets.SENTIMENT` before any run.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analyses.presets import SENTIMENT, SENTIMENT_COMMON
 from dynamics.tools.plots import plot_cosine, plot_fig3, plot_token_heatmap, save_figure
 from dynamics.runs.rundir import RunDir, read_table, to_jsonable
 
@@ -26,12 +27,6 @@ BUILTIN = "builtin"  # `data=BUILTIN`: the built-in statements even when the twe
 AUTO = "auto"
 SHARED_COS_MIN = 0.5  # claim 4: "high positive" cosine of the shared tokens means above this
 
-# Per style. quick: the 3 styles in 13 min (778 s measured) on SmolLM2-135M, 2 CPU cores. lr: seed 004 (AdamW 5e-6).
-SETTINGS = {
-    "quick": dict(sft_steps=16, steps=24, batch_size=4, eval_every=6, n_probe=8, n_pairs=200),
-    "full": dict(sft_steps=40, steps=80, batch_size=4, eval_every=8, n_probe=16, n_pairs=600),
-}
-COMMON = dict(lr=5e-6, sft_lr=2e-5, optimizer="adamw", token_pairs=1, whatif=False)
 FIGURES = ("fig3", "fig4a", "fig4b")
 
 
@@ -83,11 +78,11 @@ def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-
     if unknown:
         raise ValueError(f"unknown style(s) {unknown}; known: {', '.join(STYLES)}")
     out = Path(out)
-    settings = {**SETTINGS["quick" if quick else "full"], **COMMON, **(overrides or {})}
+    settings = {**SENTIMENT["quick" if quick else "full"], **SENTIMENT_COMMON, **(overrides or {})}
     data = resolve_data(data)
     config = dict(experiment="seed 004, section 4.2 (sentiment)", quick=quick, model=model, styles=list(styles),
                   data=data, eval_data=resolve_eval_data(data, eval_data), loss=loss, seed=seed, settings=settings)
-    cfgs = {style: TrainConfig(out=str(out / style), model=model, data=data, eval_data=config["eval_data"],
+    cfgs = {style: TrainConfig.from_flat(out=str(out / style), model=model, data=data, eval_data=config["eval_data"],
                                data_kind="sentiment", style=style, loss=loss, seed=seed, progress=progress,
                                **settings) for style in styles}  # validates every run before writing
     if out_dir_state(out) == "run":
@@ -95,7 +90,7 @@ def run_sentiment(out: str | Path, *, quick: bool = True, model: str = "smollm2-
             raise InputError(f"{out} already holds an experiment; pass --overwrite to move it aside to "
                              f"{out.name}.old-<time>, or choose another --out")
         move_aside(out)
-    RunDir(out).write_config(config)
+    RunDir(out).write_config(config, writer="reproduce sentiment")
     runs, frames = {}, []
     for style, cfg in cfgs.items():
         runs[style] = train(cfg)

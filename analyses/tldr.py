@@ -9,7 +9,7 @@ pairs through `dynamics.runs.train.train`, with the same evaluation pairs as pro
 `write_figures` draws Fig. 1, the 3×3 grid (Fig. 2), the cosine per loss (Fig. 7), a what-if
 summary and a Fig. 4b-style token-cosine heatmap of one TL;DR pair.
 
-Nothing is tuned to make a claim hold: `SETTINGS` were fixed before the first run, from the
+Nothing is tuned to make a claim hold: `analyses.presets.TLDR` were fixed before the first run, from the
 measured cost of a step on 2 CPU cores (see the comment there), not from any result.
 """
 from __future__ import annotations
@@ -18,14 +18,13 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from dynamics.tools.plots import (CHOSEN, REJECTED, STYLE, plot_cosine, plot_logprobs, plot_token_heatmap,
-                            plot_whatif, save_figure)
+from analyses.presets import TLDR, TLDR_COMMON, TLDR_DPO_EXTRA
+from dynamics.tools.plots import STYLE, plot_cosine, plot_logprobs, plot_token_heatmap, plot_whatif
 from analyses.sentiment import load_token_gram, save_with_config
 from dynamics.errors import InputError
-from dynamics.runs.rundir import RunDir, move_aside, out_dir_state, read_table, to_jsonable
+from dynamics.runs.rundir import RunDir, move_aside, out_dir_state, read_config, read_table, to_jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,26 +41,6 @@ CHOSEN_TERM = ("cpo", "dpop", "rrhf", "slic")
 COS_LARGE = 0.5                          # claim 5: "positive and large" means a mean cosine above this
 LONG_CHARS = 130                         # the heatmap pair: both summaries at least this long (≈30+ tokens)
 
-# Cost on SmolLM2-135M, 2 CPU cores, measured before any result was looked at: the first default
-# attempt (16 steps of 4 pairs, 4 evaluation pairs, prompts cut to 192 tokens) ran a training step
-# in 21-31 s and a probe record in 93 s, ≈ 16 min per loss, 2.3 h for nine: too long for one
-# working session. It was stopped at CPO's fourth step and the default cut to what ends in about
-# 50 minutes here: 12 steps of 2 pairs, 3 evaluation pairs, prompts cut to their last 128 tokens
-# (summaries are never cut). This is a small-scale reproduction; the paper trains a full epoch.
-# Full fine-tuning, AdamW, lr 1e-5 (the paper's 5e-6 is for an epoch with LoRA on 7B models).
-SETTINGS = {
-    "quick": dict(steps=6, batch_size=2, eval_every=3, n_probe=2, n_train=12, max_length=128),
-    "default": dict(steps=12, batch_size=2, eval_every=4, n_probe=3, n_train=24, max_length=128),
-    # The paper's set-up, for a GPU: LoRA r 64 (α 128), lr 5e-6, no SFT, one epoch of the
-    # 92k training comparisons at batch 8 with Mistral-7B/Llama-3-8B. Estimated (not measured here):
-    # ≈ 11.5k steps, 1-2 days on one H100, ~40 GB with bf16 weights and LoRA.
-    "full": dict(steps=11500, batch_size=8, eval_every=500, n_probe=16, n_train=92000, max_length=1024,
-                 lora_r=64, lr=5e-6),
-}
-COMMON = dict(lr=1e-5, optimizer="adamw", sft_steps=0, whatif=True, token_pairs=0, probes=False)
-# Only the DPO run records the expensive extras: token Grams of the first evaluation pair (the
-# heatmap) and seed 000's learning-dynamics probes (claim 6).
-DPO_EXTRA = dict(token_pairs=1, probes=True)
 MAX_CHARS = 170                          # summaries longer than this are left out (cost; ≈ 40 tokens)
 FIGURES = ("fig1", "fig2", "fig7", "whatif", "heatmap")
 
@@ -127,10 +106,11 @@ def split_by_post(pairs, *, n_train: int, n_probe: int, seed: int, max_chars: in
 
 
 def resolve_settings(setting: str = "default", overrides: dict | None = None, lora_r: int | None = None) -> dict:
-    """The run settings: `SETTINGS[setting]` over `COMMON`, then ``overrides``, then ``lora_r``."""
-    if setting not in SETTINGS:
-        raise InputError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
-    s = {**COMMON, **SETTINGS[setting], **(overrides or {})}
+    """The run settings: `analyses.presets.TLDR[setting]` over `TLDR_COMMON`, then ``overrides``,
+    then ``lora_r``."""
+    if setting not in TLDR:
+        raise InputError(f"unknown setting {setting!r}; known: {', '.join(TLDR)}")
+    s = {**TLDR_COMMON, **TLDR[setting], **(overrides or {})}
     if lora_r is not None:
         s["lora_r"] = lora_r
     return s
@@ -148,7 +128,7 @@ def run_tldr(out: str | Path, *, setting: str = "default", model: str = "smollm2
     """Train every loss of ``losses`` into ``out/<loss>/`` on the same post-split pairs; returns
     {loss: RunDir}.
 
-    ``setting``: quick, default or full (`SETTINGS`); ``overrides``: settings replacing those (tests
+    ``setting``: quick, default or full (`analyses.presets.TLDR`); ``overrides``: settings replacing those (tests
     use tiny ones). ``resume``: continue an interrupted experiment with the same settings: finished
     losses are kept, a loss with a checkpoint resumes from it, one without starts again (its partial
     run moved aside). ``overwrite``: move an existing experiment in ``out`` aside first.
@@ -169,13 +149,13 @@ def run_tldr(out: str | Path, *, setting: str = "default", model: str = "smollm2
     train_pairs, eval_pairs = split_by_post(pairs, n_train=n_train, n_probe=n_probe, seed=seed)
     config = dict(experiment="seed 004, section 3.3 / appendix C (TL;DR)", setting=setting, model=model,
                   data=None if data is None else str(data), seed=seed, losses=list(losses),
-                  settings={**settings, "n_train": n_train}, dpo_extra=DPO_EXTRA, max_chars=MAX_CHARS,
+                  settings={**settings, "n_train": n_train}, dpo_extra=TLDR_DPO_EXTRA, max_chars=MAX_CHARS,
                   split=dict(train_posts=sorted({_post(p) for p in train_pairs}),
                              eval_pairs=[str(p.id) for p in eval_pairs]),
                   runs={name: name for name in losses})
     state = out_dir_state(out)
     if state == "run" and resume:
-        old = json.loads((out / "config.json").read_text())
+        old = read_config(out)
         diff = [k for k in ("setting", "model", "data", "seed", "settings", "split") if old.get(k) != config.get(k)]
         if diff:
             raise InputError(f"--resume: {out} was run with other {', '.join(diff)}; resume with the same options, "
@@ -191,19 +171,19 @@ def run_tldr(out: str | Path, *, setting: str = "default", model: str = "smollm2
     from dynamics.inputs.data import save_pairs
     (out / "data").mkdir(exist_ok=True)
     train_file, eval_file = save_pairs(train_pairs, out / "data" / "train.jsonl"), save_pairs(eval_pairs, out / "data" / "eval.jsonl")
-    top.write_config(config)
+    top.write_config(config, writer="reproduce tldr")
 
     runs = {}
     for name in losses:
         run_dir = out / name
-        extra = DPO_EXTRA if name == "dpo" else {}
+        extra = TLDR_DPO_EXTRA if name == "dpo" else {}
         kw = dict(out=str(run_dir), model=model, data=str(train_file), eval_data=str(eval_file), data_kind="pairs",
                   loss=name, seed=seed, progress=progress, **{**settings, **extra})
         if _complete(run_dir, settings["steps"]):
             runs[name] = RunDir(run_dir)
             continue
         has_ckpt = (run_dir / "checkpoint" / "state.pt").is_file()
-        cfg = TrainConfig(**kw, resume=resume and has_ckpt, overwrite=out_dir_state(run_dir) == "run" and not has_ckpt)
+        cfg = TrainConfig.from_flat(**kw, resume=resume and has_ckpt, overwrite=out_dir_state(run_dir) == "run" and not has_ckpt)
         runs[name] = train(cfg)
     combine_records(out, losses)
     return runs

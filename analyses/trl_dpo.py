@@ -23,6 +23,7 @@ def run_trl_dpo(out: str | Path, *, model_name: str = "smollm2-135m", data: str 
 
     from dynamics.inputs import data as data_mod
     from dynamics.runs.callbacks import DynamicsCallback
+    from dynamics.runs.recorder import RecorderConfig
     from dynamics.inputs.models import load_model, native_bf16, precision_name
 
     out = Path(out)
@@ -42,6 +43,6 @@ def run_trl_dpo(out: str | Path, *, model_name: str = "smollm2-135m", data: str 
                      gradient_checkpointing=False, seed=seed, lr_scheduler_type="constant", bf16=bf16, fp16=False)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=ds,
                          processing_class=tok)
-    DynamicsCallback(probe, out, every=every, loss="dpo", loss_params={"beta": beta}).attach(trainer)
+    DynamicsCallback(probe, out, RecorderConfig(eval_every=every), loss="dpo", loss_params={"beta": beta}).attach(trainer)
     trainer.train()
     return trainer

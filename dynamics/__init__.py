@@ -27,6 +27,7 @@ _PUBLIC = {
     "LOSSES": "dynamics.core.losses", "compute_loss": "dynamics.core.losses", "resolve_hyper": "dynamics.core.losses",
     "IMPLS": "dynamics.core.grads", "TokenGram": "dynamics.core.grads", "select_params": "dynamics.core.grads",
     "CASES": "dynamics.core.conditions", "predict": "dynamics.core.conditions", "what_if": "dynamics.core.conditions",
+    "screen_pairs": "dynamics.core.screen", "token_attributions": "dynamics.core.attribution",
     # inputs
     "load_model": "dynamics.inputs.models", "PreferencePair": "dynamics.inputs.data",
     "load_pairs": "dynamics.inputs.data", "load_kind": "dynamics.inputs.data",
@@ -35,7 +36,7 @@ _PUBLIC = {
     "Recorder": "dynamics.runs.recorder", "RecorderConfig": "dynamics.runs.recorder",
     "DynamicsCallback": "dynamics.runs.callbacks", "RunDir": "dynamics.runs.rundir",
     # tools
-    "plot_run": "dynamics.tools.plots",
+    "plot_run": "dynamics.tools.plots", "diagnose": "dynamics.tools.diagnose",
     # errors
     "InputError": "dynamics.errors",
 }

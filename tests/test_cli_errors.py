@@ -190,7 +190,7 @@ def test_diagnostics_do_not_depend_on_autocast(tmp_path):
     cols = ["logp_w", "logp_l", "ip_wl", "sq_w", "sq_l", "cos_wl", "d_w", "d_l", "pred_dw", "pred_dl"]
 
     def record(name, ctx):
-        rec = Recorder(model, probe, ref, RunDir(tmp_path / name), RecorderConfig(token_pairs=0, whatif=False))
+        rec = Recorder(model, probe, ref, RunDir(tmp_path / name), RecorderConfig(token_pairs=0, whatif=False), loss="dpo")
         with ctx:
             rec.before_update(0)
             rec.after_update()  # no update in between: act_dw = 0

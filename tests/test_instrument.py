@@ -23,7 +23,7 @@ DIAG_COLUMNS = {"ip_wl", "sq_w", "sq_l", "cos_wl", "pred_dw", "pred_dl", "thr_w"
 def tiny_cfg(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), model="tiny-llama", n_pairs=24, n_probe=4, steps=4, batch_size=4,
                 eval_every=2, lr=1e-3, progress=False, dtype="float64", optimizer="sgd")
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_flat(**{**base, **kw})
 
 
 def test_records_have_diagnostics_and_first_order_predictions(tmp_path):
@@ -139,7 +139,7 @@ def test_resume_after_sigkill(tmp_path):
     train_rows = read_table(out, "train")
     assert train_rows.step.tolist() == list(range(1, 41))
     # identical to an uninterrupted run (deterministic float64)
-    ref = train(TrainConfig(out=str(tmp_path / "ref"), model="tiny-gpt2", n_pairs=24, n_probe=4, steps=40,
+    ref = train(TrainConfig.from_flat(out=str(tmp_path / "ref"), model="tiny-gpt2", n_pairs=24, n_probe=4, steps=40,
                             batch_size=4, eval_every=1, lr=1e-3, optimizer="sgd", dtype="float64", token_pairs=0,
                             whatif=False, progress=False))
     a = rec.sort_values(["step", "pair_id"]).logp_w.to_numpy()
@@ -154,6 +154,7 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     from dynamics.inputs.models import native_bf16
 
     from dynamics.runs.callbacks import DynamicsCallback
+    from dynamics.runs.recorder import RecorderConfig
     from dynamics.inputs.data import builtin_sentiment_pairs
     from dynamics.inputs.models import tiny_model, tiny_tokenizer
 
@@ -169,7 +170,8 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
                      save_strategy="no", beta=0.1, bf16=native_bf16("cpu"), fp16=False)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
                          eval_dataset=dataset(probe), processing_class=tok)
-    cb = DynamicsCallback(probe, tmp_path / "dyn", every=2, loss="dpo", loss_params={"beta": 0.1}).attach(trainer)
+    cb = DynamicsCallback(probe, tmp_path / "dyn", RecorderConfig(eval_every=2), loss="dpo",
+                          loss_params={"beta": 0.1}).attach(trainer)
     trainer.train()
     # the callback's probe sequences are token for token those TRL trains on (EOS appended)
     for i, row in enumerate(trainer.eval_dataset):
@@ -184,7 +186,7 @@ def test_trl_dpo_trainer_with_callback(tmp_path):
     assert (body.act_dw != 0).all()  # the trainer's real AdamW update moved the probes
     logged = [h for h in trainer.state.log_history if "dyn/cos_wl" in h]
     assert len(logged) == 2
-    assert cb.rec.cfg.lr == pytest.approx(1e-3)
+    assert cb.rec.lr == pytest.approx(1e-3)
 
 
 def test_cli_predict_check(tmp_path, capsys):

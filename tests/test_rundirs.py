@@ -6,7 +6,9 @@ checks the configuration; checkpoints load with ``weights_only=True`` (a pickle 
 refused and never runs); a full disk leaves no temporary file; Ctrl-C says how to resume.
 """
 import errno
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import shlex
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 import dynamics.runs.rundir as record_mod
+import dynamics.runs.checkpoints as checkpoints_mod
 import dynamics.runs.train as train_mod
 from analyses.cli import main
 from dynamics.errors import InputError
@@ -29,6 +32,7 @@ from dynamics.core.logprobs import tokenize_pairs
 from dynamics.runs.rundir import cached_reference_logprobs
 from dynamics.inputs.models import tiny_model
 from dynamics.runs.rundir import DiskFullError, RunDir, read_table
+from dynamics.runs.recorder import RecorderConfig
 from dynamics.runs.train import RunInterrupted, TrainConfig, train
 
 BASE = dict(model="tiny-gpt2", n_pairs=12, n_probe=2, steps=2, batch_size=2, eval_every=1, lr=1e-2,
@@ -38,7 +42,7 @@ CLI = ["--model", "tiny-gpt2", "--n-pairs", "12", "--n-probe", "2", "--batch-siz
 
 
 def cfg(out, **kw):
-    return TrainConfig(**{**BASE, "out": str(out), **kw})
+    return TrainConfig.from_flat(**{**BASE, "out": str(out), **kw})
 
 
 def snapshot(root: Path) -> dict:
@@ -302,9 +306,9 @@ def test_disk_full_during_checkpoint(dpo_run, monkeypatch):
 
     model = tiny_model("gpt2")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    monkeypatch.setattr(train_mod.torch, "save", full)
+    monkeypatch.setattr(checkpoints_mod.torch, "save", full)
     with pytest.raises(DiskFullError, match=rf"writing the checkpoint {ckpt}; the previous checkpoint is intact"):
-        train_mod._save_checkpoint(ckpt, model, opt, 3)
+        checkpoints_mod.save_checkpoint(ckpt, model, opt, 3)
     assert snapshot(ckpt) == before and not (dpo_run / "checkpoint.tmp").exists()
 
 
@@ -382,3 +386,74 @@ def test_sigint_says_where_and_how_to_resume(tmp_path):
     assert read_table(out, "train").step.tolist() == list(range(1, 7))
     counts = read_table(out, "records").groupby("step").pair_id.count()
     assert counts.index.tolist() == list(range(7)) and (counts == 2).all()
+
+
+# ------------------------------------------------------------------ config.json: one shape, versioned
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_is_versioned_and_one_shape(base_runs):
+    from dynamics.runs.rundir import CONFIG_VERSION
+
+    saved = json.loads((base_runs / "dpo" / "config.json").read_text())
+    assert saved["version"] == CONFIG_VERSION and saved["writer"] == "dynamics train"
+    assert {"model", "loss", "loss_params", "lr", "recorder"} <= set(saved)
+    assert set(saved["recorder"]) == {f.name for f in dataclasses.fields(RecorderConfig)}
+
+
+def test_version1_configs_are_upgraded():
+    """The two version-1 shapes (trainer: recorder fields flat; callback: loss inside "recorder",
+    "every" outside) read as version 2; a committed version-1 run directory still plots."""
+    from dynamics.runs.rundir import upgrade_config
+
+    trainer_v1 = dict(loss="simpo", lr=1e-5, eval_every=3, impl="func", whatif=False, token_pairs=2, probes=True,
+                      steps=9, model="tiny-gpt2")
+    up = upgrade_config(trainer_v1)
+    assert up["recorder"] == dict(eval_every=3, impl="func", whatif=False, token_pairs=2, probes=True)
+    assert up["loss"] == "simpo" and up["version"] == 2 and up["upgraded_from"] == 1 and "eval_every" not in up
+    assert TrainConfig(**{k: v for k, v in up.items() if k not in ("version", "writer", "upgraded_from")}).recorder.eval_every == 3
+    callback_v1 = dict(every=10, recorder=dict(loss="dpo", loss_params={"beta": 0.1}, lr=5e-6, impl="ghost",
+                                               params="trainable", whatif=True, token_pairs=1, probes=False))
+    up = upgrade_config(callback_v1)
+    assert (up["loss"], up["loss_params"], up["lr"], up["writer"]) == ("dpo", {"beta": 0.1}, 5e-6, "DynamicsCallback")
+    assert up["recorder"]["eval_every"] == 10 and "loss" not in up["recorder"] and "every" not in up
+    RecorderConfig(**up["recorder"])
+    with pytest.raises(InputError, match="newer than this library"):
+        upgrade_config(dict(version=99))
+
+
+def test_committed_version1_run_still_plots(tmp_path):
+    src = REPO / "figures" / "sentiment" / "run" / "long_suffix"
+    if not (src / "config.json").is_file():
+        pytest.skip("no committed sentiment run")
+    import shutil
+
+    from dynamics.tools.plots import plot_run
+
+    run = tmp_path / "run"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("token_grams", "ref_*"))
+    assert "version" not in json.loads((run / "config.json").read_text())
+    names = sorted(p.name for p in plot_run(run))
+    assert "dynamics.png" in names and "logprobs.png" in names
+
+
+def test_flat_round_trip_and_resume_against_version1(tmp_path):
+    from dynamics.runs.train import config_differences
+
+    cfg = TrainConfig.from_flat(model="tiny-gpt2", loss="dpo", eval_every=3, token_pairs=0, impl="func", steps=5)
+    assert cfg.recorder == RecorderConfig(eval_every=3, token_pairs=0, impl="func")
+    assert TrainConfig.from_flat(**cfg.flat()) == cfg
+    v1 = dict(cfg.flat())                                    # a version-1 trainer config: all fields flat
+    v1.pop("params"), v1.pop("token_chunk")                 # (which had no params / token_chunk)
+    assert config_differences(json.loads(json.dumps(v1)), cfg) == []
+    assert config_differences({**v1, "eval_every": 4}, cfg) == ["eval_every: 4 -> 3"]
+
+
+def test_callback_names_moved_settings(tmp_path):
+    from dynamics.runs.callbacks import DynamicsCallback
+
+    with pytest.raises(TypeError, match=r"recorder=RecorderConfig\(eval_every=..., impl=...\)"):
+        DynamicsCallback([], tmp_path / "x", every=5, impl="func")
+    with pytest.raises(InputError, match="eval_every must be an integer >= 1"):
+        RecorderConfig(eval_every=0)

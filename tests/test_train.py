@@ -19,7 +19,7 @@ RECORD_COLUMNS = {"step", "pair_id", "loss", "loss_value", "logp_w", "logp_l", "
 def tiny_cfg(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), model="tiny-llama", n_pairs=24, n_probe=4, steps=4, batch_size=4,
                 eval_every=2, lr=1e-2, progress=False)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_flat(**{**base, **kw})
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

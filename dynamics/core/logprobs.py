@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import pandas as pd

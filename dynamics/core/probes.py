@@ -32,7 +32,7 @@ from torch import Tensor
 from dynamics.core.logprobs import (TokenizedSequence, check_context, collate, model_device, response_logits,
                                     scoring_mode, tokenize_response)
 
-__all__ = ["Probe", "ProbeList", "PROBE_NAMES", "probe_set", "model_probes", "probe_metrics", "METRICS"]
+__all__ = ["Probe", "ProbeList", "PROBE_NAMES", "probe_set", "model_probes", "probe_metrics", "METRICS", "build_probe_sets"]
 
 PROBE_NAMES = ("chosen", "rejected", "other_chosen", "held_out_chosen", "chosen_shuffled",
                "other_shuffled", "rephrase_k", "argmax_teacher", "greedy")
@@ -223,3 +223,16 @@ def probe_metrics(model, tokenizer, prompt: str | None, probes: Sequence[Probe],
                 rec.update({k: float(v[i]) for k, v in vals.items()})
                 records.append(rec)
     return records
+
+
+def build_probe_sets(model, tokenizer, probe_pairs, train_pairs, *, seed: int = 0) -> dict:
+    """{pair_id: probes} for every probe pair (seed 000's set): y⁺, y⁻, another prompt's y⁺, a
+    held-out prompt's y⁺ (the next probe pair), shuffled y⁺, shuffled other response, and the
+    model-made y* (argmax under teacher forcing on y⁺) and greedy decode, made from the model
+    as it is now (the reference) and kept fixed."""
+    sets = {}
+    for k, pair in enumerate(probe_pairs):
+        held = probe_pairs[(k + 1) % len(probe_pairs)] if len(probe_pairs) > 1 else None
+        sets[str(pair.id)] = list(probe_set(pair, others=train_pairs, held_out=held, seed=seed)) + \
+            list(model_probes(model, tokenizer, pair, max_new_tokens=16))
+    return sets

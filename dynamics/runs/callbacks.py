@@ -3,12 +3,12 @@
 Works with any `transformers.Trainer` whose model is a causal LM, in particular TRL's
 ``DPOTrainer`` (and ``CPOTrainer``/``ORPOTrainer``/``KTOTrainer``: pass the matching ``loss``)::
 
-    cb = DynamicsCallback(probe_pairs, "runs/trl_dpo", every=10, loss="dpo", loss_params={"beta": 0.1})
+    cb = DynamicsCallback(probe_pairs, "runs/trl_dpo", RecorderConfig(eval_every=10), loss="dpo", loss_params={"beta": 0.1})
     trainer = DPOTrainer(model=model, args=args, ...)
     cb.attach(trainer)           # first in the callback list, so summaries reach TensorBoard / W&B
     trainer.train()
 
-Every ``every`` optimizer steps it runs the shared `dynamics.runs.recorder.Recorder`:
+Every ``recorder.eval_every`` optimizer steps it runs the shared `dynamics.runs.recorder.Recorder`:
 ``on_pre_optimizer_step`` measures θ_s (after the gradients of the step were accumulated, so
 gradient accumulation is handled) and snapshots the trainable parameters; ``on_optimizer_step``
 measures θ_{s+1}, i.e. the real update of the real optimizer, and writes the rows; ``on_log``
@@ -37,6 +37,7 @@ import pandas as pd
 from dynamics.core.logprobs import reference_logprobs, tokenize_pairs
 from dynamics.runs.rundir import RunDir, to_jsonable
 from dynamics.inputs.models import precision_name
+from dynamics.core.losses import resolve_hyper
 from dynamics.runs.recorder import Recorder, RecorderConfig, outside_autocast
 
 try:
@@ -46,15 +47,15 @@ except ImportError:  # pragma: no cover
 
 
 class DynamicsCallback(TrainerCallback):
-    """Records seed-004 diagnostics of ``probe_pairs`` into ``out_dir`` every ``every`` steps.
+    """Records seed-004 diagnostics of ``probe_pairs`` into ``out_dir`` every ``recorder.eval_every`` steps.
 
     Args:
         probe_pairs: `dynamics.inputs.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
         out_dir: run directory (``config.json``, ``records.parquet``, ``whatif.parquet``, …).
-        every: record at optimizer steps 0, every, 2·every, …
+        recorder: what is recorded and how often (`RecorderConfig`: ``eval_every``, ``impl``,
+            ``params``, ``whatif``, ``token_pairs``, ``token_chunk``, ``probes``).
         loss, loss_params: the loss whose ``d_w, d_l`` apply (a name in ``LOSSES``; TRL's
             ``loss_type="sigmoid"`` is ``"dpo"`` with its ``beta``).
-        params, impl, whatif, token_pairs, probes: see `RecorderConfig`.
         others: training pairs whose responses serve as "other prompt" probes (default: the probes).
         ref: precomputed reference log-probs of the probe pairs (else computed at train begin).
         max_length: tokenization limit (prompt cut from the left).
@@ -62,20 +63,22 @@ class DynamicsCallback(TrainerCallback):
             TRL config (as TRL does for non-conversational data), else not.
     """
 
-    def __init__(self, probe_pairs: Sequence, out_dir: str | Path, *, every: int = 10, loss: str = "dpo",
-                 loss_params: dict | None = None, params="trainable", impl: str = "ghost", whatif: bool = True,
-                 token_pairs: int = 1, ref: pd.DataFrame | None = None, max_length: int | None = None,
-                 probes: bool = False, others: Sequence | None = None, append_eos: bool | str = "auto"):
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+    def __init__(self, probe_pairs: Sequence, out_dir: str | Path, recorder: RecorderConfig | None = None, *,
+                 loss: str = "dpo", loss_params: dict | None = None, ref: pd.DataFrame | None = None,
+                 max_length: int | None = None, others: Sequence | None = None, append_eos: bool | str = "auto",
+                 **removed):
+        if removed:
+            moved = {k: ("eval_every" if k == "every" else k) for k in removed}
+            raise TypeError(f"DynamicsCallback({', '.join(f'{k}=' for k in removed)}...): these settings moved into "
+                            f"the RecorderConfig; pass recorder=RecorderConfig("
+                            f"{', '.join(f'{v}=...' for v in moved.values())})")
         if append_eos not in (True, False, "auto"):
             raise ValueError(f"append_eos must be True, False or 'auto', got {append_eos!r}")
+        self.recorder = recorder if recorder is not None else RecorderConfig()
+        self.loss, self.loss_params = loss, resolve_hyper(loss, loss_params)  # validated now, not at train begin
         self.append_eos = append_eos
-        self.pairs, self.every, self.ref, self.max_length = list(probe_pairs), every, ref, max_length
+        self.pairs, self.ref, self.max_length = list(probe_pairs), ref, max_length
         self.others = list(others) if others is not None else None
-        self.cfg_kwargs = dict(loss=loss, loss_params=dict(loss_params or {}), params=params, impl=impl,
-                               whatif=whatif, token_pairs=token_pairs, probes=probes)
-        RecorderConfig(**self.cfg_kwargs)  # validate now, not at train begin
         self.run = RunDir(out_dir)
         self.rec: Recorder | None = None
         self._summary: dict | None = None
@@ -100,23 +103,27 @@ class DynamicsCallback(TrainerCallback):
             disable = getattr(model, "disable_adapter", None)
             with (disable() if callable(disable) else contextlib.nullcontext()), outside_autocast(model):
                 ref = reference_logprobs(model, probe)
-        cfg = RecorderConfig(lr=args.learning_rate, **self.cfg_kwargs)
+        cfg = self.recorder
         # the trainer's precision (its steps); the diagnostics always run in the parameters' dtype
         precision = precision_name(bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)))
-        self.run.write_config(dict(recorder=cfg, every=self.every, trainer=type(args).__name__, append_eos=eos,
-                                   precision=precision, diagnostics_precision="parameters' dtype, outside autocast",
-                                   training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}))
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        self.run.write_config(dict(model=name, loss=self.loss, loss_params=self.loss_params, lr=args.learning_rate,
+                                   recorder=cfg, trainer=type(args).__name__, append_eos=eos, precision=precision,
+                                   diagnostics_precision="parameters' dtype, outside autocast",
+                                   training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}),
+                              writer="DynamicsCallback")
         sets = None
         if cfg.probes:
-            from dynamics.runs.train import build_probe_sets
+            from dynamics.core.probes import build_probe_sets
             sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
-        self.rec = Recorder(model, probe, ref, self.run, cfg, tokenizer=tok, probe_sets=sets)
+        self.rec = Recorder(model, probe, ref, self.run, cfg, loss=self.loss, loss_params=self.loss_params,
+                            lr=args.learning_rate, tokenizer=tok, probe_sets=sets)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t_step, self._t_rec = time.perf_counter(), 0.0
 
     def on_pre_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
-        if self.rec is not None and state.global_step % self.every == 0:
+        if self.rec is not None and self.recorder.due(state.global_step):
             t = time.perf_counter()
             lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
             self.rec.before_update(state.global_step, lr=lr)

@@ -1,6 +1,6 @@
 """Diagnostics of a fixed probe set around optimizer updates, for any training loop.
 
-    rec = Recorder(model, probe_pairs, ref_logps, RunDir("runs/x"), RecorderConfig(loss="dpo"))
+    rec = Recorder(model, probe_pairs, ref_logps, RunDir("runs/x"), RecorderConfig(), loss="dpo", lr=5e-6)
     for step, batch in enumerate(loader):
         loss = ...; loss.backward()
         if step % 10 == 0:
@@ -39,28 +39,37 @@ from dynamics.core.analyzer import Analyzer
 from dynamics.core.grads import IMPLS
 from dynamics.core.logprobs import TokenizedPairs
 from dynamics.core.losses import compute_loss, resolve_hyper
+from dynamics.errors import InputError
 from dynamics.runs.rundir import RunDir, safe_name, save_token_gram
 
 
 @dataclass
 class RecorderConfig:
-    """What the recorder computes; saved inside the run's ``config.json``."""
-    loss: str = field(default="dpo", metadata={"help": "loss whose d_w, d_l are recorded"})
-    loss_params: dict = field(default_factory=dict, metadata={"help": "its hyper-parameters"})
-    lr: float = field(default=5e-6, metadata={"help": "η of the SGD-form prediction"})
-    impl: str = field(default="ghost", metadata={"help": "gradient engine: ghost, func or autograd"})
-    params: object = field(default="trainable", metadata={"help": "parameters θ of the gradients"})
+    """What is recorded and how; nested in `dynamics.runs.train.TrainConfig` and given to
+    `dynamics.runs.callbacks.DynamicsCallback`, saved under ``"recorder"`` in ``config.json``.
+    The loss, its hyper-parameters and the learning rate are the training's own and are passed
+    to `Recorder` separately."""
+    eval_every: int = field(default=5, metadata={"help": "record the probe pairs at steps 0, e, 2e, ..."})
+    impl: str = field(default="ghost", metadata={"help": "gradient engine for the diagnostics: ghost, func, autograd"})
+    params: object = field(default="trainable", metadata={"help": "parameters θ of the gradients (a select_params spec)"})
     whatif: bool = field(default=True, metadata={"help": "record the what-if table over the loss zoo"})
     token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
-    token_chunk: int | None = field(default=8, metadata={"help": "token vjps per batched backward"})
-    probes: bool = field(default=False, metadata={"help": "record the learning-dynamics probe metrics"})
+    token_chunk: int | None = field(default=8, metadata={"help": "token gradients formed at once (memory, not values)"})
+    probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
 
     def __post_init__(self):
-        self.loss_params = resolve_hyper(self.loss, self.loss_params)
         if self.impl not in IMPLS:
-            raise ValueError(f"unknown impl {self.impl!r}; known: {', '.join(IMPLS)}")
-        if self.lr <= 0 or self.token_pairs < 0:
-            raise ValueError("lr must be > 0 and token_pairs >= 0")
+            raise InputError(f"unknown impl {self.impl!r}; known: {', '.join(IMPLS)}")
+        for name, low in (("eval_every", 1), ("token_pairs", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.token_chunk is not None and (not isinstance(self.token_chunk, int) or self.token_chunk < 1):
+            raise InputError(f"token_chunk must be an integer >= 1 or None, got {self.token_chunk!r}")
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is recorded."""
+        return step % self.eval_every == 0
 
 
 @contextlib.contextmanager
@@ -103,12 +112,18 @@ class Recorder:
     """Records the diagnostics of ``probe`` (B pairs) before and after optimizer updates.
 
     ``ref`` holds the reference log-probs of the probe pairs in probe order (a DataFrame with
-    ``ref_w, ref_l``, e.g. from `dynamics.core.logprobs.reference_logprobs`).
+    ``ref_w, ref_l``, e.g. from `dynamics.core.logprobs.reference_logprobs`). ``loss``,
+    ``loss_params``: the training's loss (its ``d_w, d_l`` are recorded); ``lr``: the η of the
+    SGD-form prediction when `before_update` is not given the optimizer's current one.
     """
 
     def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig,
-                 *, tokenizer=None, probe_sets: dict | None = None):
+                 *, loss: str = "dpo", loss_params: dict | None = None, lr: float = 5e-6, tokenizer=None,
+                 probe_sets: dict | None = None):
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise InputError(f"lr must be > 0, got {lr!r}")
         self.model, self.probe, self.run, self.cfg = model, probe, run, cfg
+        self.loss, self.loss_params, self.lr = loss, resolve_hyper(loss, loss_params), lr
         if cfg.probes and (tokenizer is None or not probe_sets):
             raise ValueError("probes=True needs the tokenizer and probe_sets {pair_id: [Probe, ...]}")
         self.probe_sets = probe_sets or {}
@@ -137,10 +152,10 @@ class Recorder:
     def before_update(self, step: int, lr: float | None = None) -> None:
         """Measure θ_s: log-probs, coefficients, gradient inner products, predictions; snapshot θ."""
         cfg = self.cfg
-        lr = cfg.lr if lr is None else lr
+        lr = self.lr if lr is None else lr
         st = self._state()
         rw, rl = self.ref_w.double(), self.ref_l.double()
-        lo = compute_loss(cfg.loss, st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], **cfg.loss_params)
+        lo = compute_loss(self.loss, st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], **self.loss_params)
         ip = {k: v.double().cpu() for k, v in self.analyzer.pair_inner_products(self.probe).items()}
         pred = conditions.predict(lo.d_w, lo.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
         snapshot = self.analyzer.snapshot()
@@ -210,9 +225,9 @@ class Recorder:
         self._pending = None
         st = self._state()
         cfg = self.cfg
-        lo = compute_loss(cfg.loss, st["lw"], st["ll"], self.ref_w.double(), self.ref_l.double(), st["nw"],
-                          st["nl"], **cfg.loss_params)
-        self.run.append("records", self._rows(dict(step=step, lr=cfg.lr, st=st, lo=lo, ip=None, pred=None)))
+        lo = compute_loss(self.loss, st["lw"], st["ll"], self.ref_w.double(), self.ref_l.double(), st["nw"],
+                          st["nl"], **self.loss_params)
+        self.run.append("records", self._rows(dict(step=step, lr=self.lr, st=st, lo=lo, ip=None, pred=None)))
         if cfg.probes:
             self.run.append("probes", self._probe_rows(step))
 
@@ -223,7 +238,7 @@ class Recorder:
         obs = conditions.case(changes["act_dw"], changes["act_dl"]) if changes else None
         rows = []
         for k, pid in enumerate(self.probe.pair_ids):
-            row = dict(step=p["step"], pair_id=pid, loss=self.cfg.loss, loss_value=float(lo.loss[k]),
+            row = dict(step=p["step"], pair_id=pid, loss=self.loss, loss_value=float(lo.loss[k]),
                        logp_w=float(st["lw"][k]), logp_l=float(st["ll"][k]),
                        logp_w_norm=float(st["lw_norm"][k]), logp_l_norm=float(st["ll_norm"][k]),
                        ref_w=float(rw[k]), ref_l=float(rl[k]), len_w=int(st["nw"][k]), len_l=int(st["nl"][k]),

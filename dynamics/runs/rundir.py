@@ -131,6 +131,41 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+CONFIG_VERSION = 2
+"""Version of the ``config.json`` shape. Version 2: ``{"version", "writer", "model", "loss",
+"loss_params", "lr", "recorder": {RecorderConfig fields}, ...}`` for every run (the trainer's
+`TrainConfig` fields, or the callback's trainer arguments besides); experiment indexes add
+``"version"`` and ``"writer"`` to their own settings. Version 1 (no ``"version"`` key) had the
+recorder fields flat in the trainer's config and the loss inside the callback's ``"recorder"``;
+`upgrade_config` reads it as version 2."""
+RECORDER_V1_KEYS = ("eval_every", "impl", "params", "whatif", "token_pairs", "token_chunk", "probes")
+
+
+def upgrade_config(config: dict) -> dict:
+    """A ``config.json`` mapping in the current shape (`CONFIG_VERSION`); a newer one than this
+    library knows raises `InputError`. Version 1 is converted (``upgraded_from: 1`` is added)."""
+    version = config.get("version", 1)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise InputError(f"config.json has version {version!r}, newer than this library's {CONFIG_VERSION}; "
+                         "upgrade dynamics to read this run")
+    if version == CONFIG_VERSION:
+        return config
+    out = dict(config)
+    rec = out.get("recorder")
+    if isinstance(rec, dict) and "every" in out:               # the callback: loss inside "recorder"
+        rec = dict(rec)
+        for k in ("loss", "loss_params", "lr"):
+            if k in rec:
+                out[k] = rec.pop(k)
+        rec["eval_every"] = out.pop("every")
+        out["recorder"], out["writer"] = rec, "DynamicsCallback"
+    elif "eval_every" in out:                                   # the trainer: recorder fields flat
+        out["recorder"] = {k: out.pop(k) for k in RECORDER_V1_KEYS if k in out}
+        out["writer"] = "dynamics train"
+    out.update(version=CONFIG_VERSION, upgraded_from=1)
+    return out
+
+
 class RunDir:
     """A run directory with append-only tables.
 
@@ -154,15 +189,20 @@ class RunDir:
                              f"choose another output path") from e
         self._tables: dict[str, pd.DataFrame] = {}
 
-    def write_config(self, config: Any) -> Path:
-        """Write ``config.json`` (a dataclass or mapping), atomically."""
+    def write_config(self, config: Any, *, writer: str) -> Path:
+        """Write ``config.json`` atomically: ``config`` (a dataclass or mapping) with ``version``
+        (`CONFIG_VERSION`) and ``writer`` (what wrote the run: ``"dynamics train"``,
+        ``"DynamicsCallback"``, ``"reproduce tldr"``, ...)."""
         target = self.path / "config.json"
-        text = json.dumps(to_jsonable(config), indent=2, sort_keys=True)
+        body = {**to_jsonable(config), "version": CONFIG_VERSION, "writer": writer}
+        text = json.dumps(body, indent=2, sort_keys=True)
         atomic_write_bytes(target, lambda p: p.write_text(text + "\n"))
         return target
 
     def read_config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        """``config.json`` in the current shape (`upgrade_config`); `InputError` if it is missing
+        or unreadable."""
+        return read_config(self.path)
 
     def table(self, name: str) -> pd.DataFrame:
         """All rows of table ``name`` so far (empty DataFrame if none)."""
@@ -260,3 +300,18 @@ def save_token_gram(path: str | Path, gram, pair_id: str, step: int | None = Non
         arrays["step"] = step
     np.savez(path, **arrays)
     return path
+
+
+def read_config(run_dir: str | Path) -> dict:
+    """The ``config.json`` of ``run_dir`` in the current shape (`upgrade_config`), without creating
+    anything. Raises `InputError` when it is missing, not JSON, or from a newer version."""
+    f = Path(run_dir) / "config.json"
+    if not f.is_file():
+        raise InputError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{f} is unreadable ({e})") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{f} is not a JSON object")
+    return upgrade_config(config)

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import math
 import random
-import re
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,16 +33,17 @@ from pathlib import Path
 
 import torch
 
-from dynamics.inputs import data as data_mod
-from dynamics.core.logprobs import (TokenizedPairs, pair_logprobs,
-                               sequence_logprobs, tokenize_pairs)
+from dynamics.core.logprobs import TokenizedPairs, pair_logprobs, sequence_logprobs, tokenize_pairs
 from dynamics.core.losses import compute_loss, get_loss, resolve_hyper
-from dynamics.inputs.models import check_device, check_model_name, load_model
+from dynamics.core.probes import build_probe_sets
 from dynamics.errors import InputError
-from dynamics.core.grads import IMPLS
-from dynamics.core.logprobs import model_fingerprint
-from dynamics.runs.rundir import (DiskFullError, RunDir, atomic_write_bytes, cached_reference_logprobs, is_no_space,
-                                  move_aside, out_dir_state, run_files, to_jsonable)
+from dynamics.inputs import data as data_mod
+from dynamics.inputs.models import check_device, check_model_name, load_model
+from dynamics.runs.checkpoints import (checkpoint_file, copy_params, load_checkpoint, load_plain, read_checkpoint,
+                                       save_checkpoint)
+from dynamics.runs.recorder import Recorder, RecorderConfig
+from dynamics.runs.rundir import (RunDir, atomic_write_bytes, cached_reference_logprobs, move_aside, out_dir_state,
+                                  run_files, to_jsonable, upgrade_config)
 
 DATA_KINDS = data_mod.DATA_KINDS
 OPTIMIZERS = ("adamw", "sgd")
@@ -73,11 +71,6 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     sft_steps: int = field(default=0, metadata={"help": "SFT steps on prompt+chosen before preference training"})
     sft_lr: float = field(default=5e-5, metadata={"help": "SFT learning rate (AdamW)"})
-    eval_every: int = field(default=5, metadata={"help": "record the probe pairs every this many steps"})
-    impl: str = field(default="ghost", metadata={"help": "gradient engine for the diagnostics: ghost, func, autograd"})
-    whatif: bool = field(default=True, metadata={"help": "record the what-if table over the loss zoo"})
-    token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
-    probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every this many steps (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint (same configuration; only --steps may change)"})
@@ -87,8 +80,30 @@ class TrainConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float64 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    recorder: RecorderConfig = field(default_factory=RecorderConfig, metadata={"help": "what is recorded (RecorderConfig)"})
+
+    @classmethod
+    def from_flat(cls, **values) -> "TrainConfig":
+        """A config from one flat mapping, as the CLI flags and the experiments' presets give it:
+        the names of `RecorderConfig` fields go to ``recorder`` (over ``values["recorder"]`` if
+        given), the others to `TrainConfig`."""
+        rec_names = {f.name for f in dataclasses.fields(RecorderConfig)}
+        base = values.pop("recorder", None) or RecorderConfig()
+        if isinstance(base, dict):
+            base = RecorderConfig(**base)
+        rec = {k: values.pop(k) for k in list(values) if k in rec_names}
+        return cls(**values, recorder=dataclasses.replace(base, **rec))
+
+    def flat(self) -> dict:
+        """The inverse of `from_flat`: every field by name, `RecorderConfig`'s among them."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recorder"}
+        return {**out, **{f.name: getattr(self.recorder, f.name) for f in dataclasses.fields(RecorderConfig)}}
 
     def __post_init__(self):
+        if isinstance(self.recorder, dict):  # from config.json
+            self.recorder = RecorderConfig(**self.recorder)
+        if not isinstance(self.recorder, RecorderConfig):
+            raise InputError(f"recorder must be a RecorderConfig, got {type(self.recorder).__name__}")
         get_loss(self.loss)  # raises with the list of known losses
         self.loss_params = resolve_hyper(self.loss, self.loss_params)
         for name, ok, valid in [("data_kind", self.data_kind in DATA_KINDS, DATA_KINDS),
@@ -96,8 +111,8 @@ class TrainConfig:
                                 ("dtype", self.dtype in DTYPES, tuple(DTYPES))]:
             if not ok:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(valid)}")
-        positive = ("batch_size", "grad_accum", "eval_every", "n_probe")
-        for name in positive + ("steps", "token_pairs", "lora_r", "save_every"):
+        positive = ("batch_size", "grad_accum", "n_probe")
+        for name in positive + ("steps", "lora_r", "save_every"):
             if getattr(self, name) < (1 if name in positive else 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
@@ -110,8 +125,6 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number, got {v!r}")
             if (v < low) if low is not None else (v <= 0):
                 raise InputError(f"{name} must be {'>= 0' if low is not None else '> 0'}, got {v:g}")
-        if self.impl not in IMPLS:
-            raise InputError(f"unknown impl {self.impl!r}; known: {', '.join(IMPLS)}")
         # inputs before anything heavy: model name/path, device, data files (issue 10 §4)
         check_model_name(self.model)
         check_device(self.device)
@@ -168,7 +181,7 @@ def _make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def sft(model, pairs: TokenizedPairs, *, steps: int, lr: float, batch_size: int, seed: int,
+def supervised_finetune(model, pairs: TokenizedPairs, *, steps: int, lr: float, batch_size: int, seed: int,
         progress: bool = True) -> list[float]:
     """SFT on ``prompt + chosen``: minimize the token-mean NLL of the chosen responses.
 
@@ -206,113 +219,21 @@ def apply_lora(model, r: int, seed: int):
     return get_peft_model(model, cfg)
 
 
-def _out_of_space(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and is_no_space(e)) or (isinstance(e, RuntimeError) and "No space left" in str(e))
-
-
-def _save_checkpoint(path: Path, model, opt, step: int) -> None:
-    """Atomically replace ``path/`` by: trainable parameters, optimizer state, the step (plain
-    tensors and numbers only, loadable with ``weights_only=True``). A failed write removes its
-    temporary directory and leaves the previous checkpoint in place."""
-    tmp = path.with_name(path.name + ".tmp")
-    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(params=state, optimizer=opt.state_dict(), step=step), tmp / "state.pt")
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(e):
-            raise DiskFullError(f"no space left on the device writing the checkpoint {path}; the previous "
-                                f"checkpoint is intact. Free some space and resume.") from e
-        raise
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _checkpoint_file(path: Path) -> Path | None:
-    """``path/state.pt``, or ``path.old/state.pt`` when killed between `_save_checkpoint`'s renames."""
-    for d in (path, path.with_name(path.name + ".old")):
-        if (d / "state.pt").is_file():
-            return d / "state.pt"
-    return None
-
-
-def load_plain(file: Path, what: str = "checkpoint"):
-    """``torch.load(file, weights_only=True)``: tensors, numbers, strings and containers only.
-
-    A file with pickled objects (which a full unpickler would execute) and a corrupted or
-    truncated file raise `InputError` naming ``file``; nothing in the file is run.
-    """
-    file = Path(file)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "GLOBAL" in msg or "global" in msg:
-            found = re.search(r"GLOBAL (\S+)", msg)
-            detail = f" (it references {found.group(1)})" if found else ""
-            raise InputError(f"{file} is not a plain-tensor {what}: it holds pickled Python objects{detail}; "
-                             f"refusing to load it (unpickling could run arbitrary code). Only load {what}s "
-                             f"written by `dynamics train`.") from e
-        raise InputError(f"{file} is corrupted or truncated: cannot load the {what} "
-                         f"({msg.splitlines()[-1] if msg else type(e).__name__}).") from e
-    except FileNotFoundError as e:
-        raise InputError(f"{file} does not exist: no {what} to load") from e
-    except Exception as e:  # zip reader errors, EOF, bad opcodes: all mean the file is damaged
-        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
-        raise InputError(f"{file} is corrupted or truncated: cannot load the {what} ({first}).") from e
-
-
-def _read_checkpoint(file: Path) -> dict:
-    """The validated content of a checkpoint file: {params: {name: tensor}, optimizer: dict, step: int}."""
-    state = load_plain(file, "checkpoint")
-    ok = (isinstance(state, dict) and isinstance(state.get("params"), dict) and isinstance(state.get("optimizer"), dict)
-          and isinstance(state.get("step"), int) and all(isinstance(v, torch.Tensor) for v in state["params"].values()))
-    if not ok:
-        raise InputError(f"{file} is not a dynamics checkpoint (expected a dict of params, optimizer and step)")
-    return state
-
-
-def _copy_params(file: Path, state: dict, named: dict) -> None:
-    """Copy ``state`` {name: tensor} into the parameters ``named``, which must match exactly."""
-    missing, extra = sorted(set(named) - set(state)), sorted(set(state) - set(named))
-    bad = [n for n in set(named) & set(state) if tuple(state[n].shape) != tuple(named[n].shape)]
-    if missing or extra or bad:
-        raise InputError(f"{file} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"wrong shape {sorted(bad)[:3]}; was it written by this run's configuration?")
-    with torch.no_grad():
-        for n, v in state.items():
-            named[n].copy_(v)
-
-
-def _load_checkpoint(path: Path, model, opt, state: dict | None = None) -> int:
-    """Load `_save_checkpoint`'s state into ``model`` and ``opt``; returns the step."""
-    file = _checkpoint_file(path)
-    if file is None:
-        raise InputError(f"{path} holds no checkpoint (state.pt)")
-    state = _read_checkpoint(file) if state is None else state
-    _copy_params(file, state["params"], {n: p for n, p in model.named_parameters() if p.requires_grad})
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{file}: the optimizer state does not match this run's optimizer ({e})") from e
-    return int(state["step"])
-
-
 # ---------------------------------------------------------------- run directory checks
 
 RUN_CONTROL = ("out", "steps", "resume", "overwrite", "progress", "save_every")  # may change on resume
 
 
+WRITER = "dynamics train"
+
+
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Fields (other than `RUN_CONTROL`) in which ``cfg`` differs from a saved ``config.json``,
-    as ``"name: old -> new"``."""
-    new = json.loads(json.dumps(to_jsonable(cfg)))
-    defaults = json.loads(json.dumps(to_jsonable(TrainConfig(loss=cfg.loss))))
+    """Fields (other than `RUN_CONTROL`) in which ``cfg`` differs from a saved ``config.json``
+    (any version, see `dynamics.runs.rundir.upgrade_config`), as ``"name: old -> new"``."""
+    saved = upgrade_config(saved)
+    saved = {**saved, **(saved.get("recorder") or {})}                       # flat, as `TrainConfig.flat`
+    new = json.loads(json.dumps(to_jsonable(cfg.flat())))
+    defaults = json.loads(json.dumps(to_jsonable(TrainConfig(loss=cfg.loss).flat())))
     diffs = []
     for name, value in new.items():
         if name in RUN_CONTROL:
@@ -326,21 +247,21 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
 def train_command(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False, **override) -> str:
     """The ``dynamics train`` command line that reproduces ``cfg`` (every non-default field;
     ``override``: field values to use instead of ``cfg``'s)."""
-    from dynamics.core.losses import resolve_hyper
-
     args = ["dynamics", "train"] + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
     args += ["--out", str(cfg.out)]
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("out", "resume", "overwrite", "progress"):
+    defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)},
+                **{f.name: f.default for f in dataclasses.fields(RecorderConfig)}}
+    for name, value in cfg.flat().items():
+        if name in ("out", "resume", "overwrite", "progress"):
             continue
-        value, flag = override.get(f.name, getattr(cfg, f.name)), "--" + f.name.replace("_", "-")
-        if f.name == "loss_params":
+        value, flag = override.get(name, value), "--" + name.replace("_", "-")
+        if name == "loss_params":
             if value != resolve_hyper(cfg.loss, {}):
                 args += [flag, json.dumps(value, sort_keys=True)]
-        elif value == f.default or value is None:
+        elif value == defaults[name] or value is None:
             continue
         elif isinstance(value, bool):
-            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
         else:
             args += [flag, str(value)]
     return shlex.join(args)
@@ -356,7 +277,7 @@ def _check_out_dir(cfg: TrainConfig) -> tuple[str, Path | None, dict | None]:
         if state != "run":
             raise InputError(f"--resume: {out} holds no run to resume ({'it does not exist' if state == 'new' else 'it is empty'}); "
                              f"drop --resume to start a new run")
-        ckpt_file = _checkpoint_file(out / "checkpoint")
+        ckpt_file = checkpoint_file(out / "checkpoint")
         if ckpt_file is None:
             raise InputError(f"--resume: {out} holds no checkpoint ({out / 'checkpoint' / 'state.pt'} is missing; "
                              f"resuming needs a run started with --save-every N > 0). Start it again with "
@@ -373,7 +294,7 @@ def _check_out_dir(cfg: TrainConfig) -> tuple[str, Path | None, dict | None]:
             raise InputError(f"--resume: the configuration differs from the run in {out} (only --steps may change "
                              f"on resume): " + "; ".join(diffs) + ". Resume with the run's own options, or start a "
                              f"new run with --overwrite or another --out")
-        content = _read_checkpoint(ckpt_file)
+        content = read_checkpoint(ckpt_file)
         if content["step"] > cfg.steps:
             raise InputError(f"--resume: the checkpoint {ckpt_file} is at step {content['step']}, beyond --steps "
                              f"{cfg.steps}; pass --steps {content['step']} or more")
@@ -409,10 +330,10 @@ def _interrupted(cfg: TrainConfig, run: RunDir | None) -> RunInterrupted:
     run = RunDir(run.path)  # what is on disk (an interrupted write may not have reached memory)
     done = run.last_step("train")
     saved = None
-    file = _checkpoint_file(run.path / "checkpoint")
+    file = checkpoint_file(run.path / "checkpoint")
     if file is not None:
         try:
-            saved = _read_checkpoint(file)["step"]
+            saved = read_checkpoint(file)["step"]
         except InputError:
             saved = None
     lines = [f"interrupted: the run in {out} stopped "
@@ -435,21 +356,6 @@ def _interrupted(cfg: TrainConfig, run: RunDir | None) -> RunInterrupted:
     return RunInterrupted("\n".join(lines), out=out, step=done, checkpoint_step=saved, command=command)
 
 
-def build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed: int) -> dict:
-    """{pair_id: probes} for every probe pair (seed 000's set): y⁺, y⁻, another prompt's y⁺, a
-    held-out prompt's y⁺ (the next probe pair), shuffled y⁺, shuffled other response, and the
-    model-made y* (argmax under teacher forcing on y⁺) and greedy decode, made from the model
-    as it is now (the reference) and kept fixed."""
-    from dynamics.core.probes import model_probes, probe_set
-
-    sets = {}
-    for k, pair in enumerate(probe_pairs):
-        held = probe_pairs[(k + 1) % len(probe_pairs)] if len(probe_pairs) > 1 else None
-        sets[str(pair.id)] = list(probe_set(pair, others=train_pairs, held_out=held, seed=seed)) + \
-            list(model_probes(model, tokenizer, pair, max_new_tokens=16))
-    return sets
-
-
 def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     """Run ``cfg`` end to end and return its run directory.
 
@@ -469,7 +375,6 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
 def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     from tqdm.auto import tqdm
 
-    from dynamics.runs.recorder import Recorder, RecorderConfig
 
     # ---- validate everything before writing anything
     out = Path(cfg.out)
@@ -499,14 +404,14 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     run = RunDir(out)
     where["run"] = run
     if not cfg.resume:
-        run.write_config(cfg)
+        run.write_config(cfg, writer=WRITER)
     ckpt = run.path / "checkpoint"
 
     t0 = time.time()
     if sft_state is not None:
-        _copy_params(sft_file, sft_state, dict(model.named_parameters()))
+        copy_params(sft_file, sft_state, dict(model.named_parameters()))
     elif cfg.sft_steps:
-        sft_losses = sft(model, train_tp, steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
+        sft_losses = supervised_finetune(model, train_tp, steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
                          seed=cfg.seed, progress=cfg.progress)
         run.append("sft", [dict(step=i + 1, nll=v) for i, v in enumerate(sft_losses)])
         if cfg.save_every:
@@ -525,15 +430,15 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
                           cfg.weight_decay)
     start = 0
     if cfg.resume:
-        start = _load_checkpoint(ckpt_file.parent, model, opt, ckpt_state)
-        run.write_config(cfg)  # the same configuration, with the new step count
+        start = load_checkpoint(ckpt_file.parent, model, opt, ckpt_state)
+        run.write_config(cfg, writer=WRITER)  # the same configuration, with the new step count
         for table in ("records", "whatif", "token_decomp", "probes"):  # rows of steps >= start are redone
             run.truncate_after(table, start - 1)
         run.truncate_after("train", start)
-    rec = Recorder(model, probe_tp, ref_probe, run, RecorderConfig(
-        loss=cfg.loss, loss_params=cfg.loss_params, lr=cfg.lr, impl=cfg.impl, whatif=cfg.whatif,
-        token_pairs=cfg.token_pairs, probes=cfg.probes), tokenizer=tokenizer,
-        probe_sets=build_probe_sets(model, tokenizer, probe_pairs, train_pairs, cfg.seed) if cfg.probes else None)
+    rec = Recorder(model, probe_tp, ref_probe, run, cfg.recorder, loss=cfg.loss, loss_params=cfg.loss_params,
+                   lr=cfg.lr, tokenizer=tokenizer,
+                   probe_sets=build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed=cfg.seed)
+                   if cfg.recorder.probes else None)
     batches = _batches(len(train_tp), cfg.batch_size, cfg.seed)
     for _ in range(start):  # the same batch sequence as an uninterrupted run
         next(batches)
@@ -558,7 +463,7 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
             loss = lo.loss.sum() / len(idx)  # mean over the whole optimizer batch
             loss.backward()
             total += loss.item()
-        record, t_rec = step % cfg.eval_every == 0, 0.0
+        record, t_rec = cfg.recorder.due(step), 0.0
         if record:
             t = time.perf_counter()
             try:
@@ -575,7 +480,7 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
         run.append("train", [dict(step=step + 1, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0,
                                   step_s=time.perf_counter() - t_step - t_rec, record_s=t_rec)])
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            _save_checkpoint(ckpt, model, opt, step + 1)
+            save_checkpoint(ckpt, model, opt, step + 1)
     rec.final(cfg.steps)
     model.eval()
     return run

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from dynamics.core.analyzer import Analyzer
 from dynamics.core.grads import IMPLS
