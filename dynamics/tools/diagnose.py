@@ -370,6 +370,12 @@ def _conclusions(v: dict, both_n: int, has_upd: bool) -> list[str]:
                  for c in CAUSES if v["causes"][c]]
         out.append(f"Of the {v['n_fell']} pair-steps where the chosen log-prob fell (act_dw < 0): " + "; ".join(parts)
                    + f". Mostly: {CAUSES[v['primary_cause']]}.")
+        if v["causes"]["others"]:
+            out.append("Note: the probe pairs of `dynamics train` and of the callback are held out from training, so "
+                       "a probe pair's own gradient is never part of the real update: pred_dw says what a step on that "
+                       "pair alone would do, and a fall 'from the rest of the update' is the training pairs' update "
+                       "reaching the probe through shared parameters. Which training pairs pushed it needs the "
+                       "in-run, per-training-pair records.")
         if not has_upd:
             out.append("Insufficient evidence to separate the pair's own gradient from the rest of the update: "
                        "upd_dw = ⟨g_w,Δθ⟩ was not recorded.")
@@ -764,8 +770,8 @@ def _drivers_section(data: RunData, records: pd.DataFrame, v: dict, top_k: int) 
                            f"{v['last_step']}); share_of_fall is each pair's part of the summed fall of all "
                            f"{v['pairs_fell']} falling pairs.") + _table(dr))
     if data.screen is None:
-        missing.append("no screen.parquet (pre-training screening: CHES, ches_norm, edit distance): compute it with "
-                       "dynamics.core.screen.screen_pairs on the probe pairs and save it as RUN_DIR/screen.parquet")
+        missing.append("no screen.parquet (pre-training screening: CHES, ches_norm, edit distance): compute it on the probe pairs "
+                       "with `dynamics screen ... --out RUN_DIR/screen.parquet` (dynamics.core.screen.screen_pairs)")
     elif len(v["steps"]) > 1:
         try:
             sc = screen_correlations(data.screen, records)
