@@ -268,6 +268,8 @@ def cmd_grads(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "inrun":
+        return cmd_bench_inrun(args)
     from dynamics.inputs.models import load_model
     from dynamics.tools import bench
 
@@ -287,6 +289,19 @@ def cmd_bench(args) -> int:
     if args.out:
         bench.write_report(df, Path(args.out))
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench_inrun(args) -> int:
+    from dynamics.tools.bench_inrun import bench_in_run
+
+    r = bench_in_run(model_name=args.model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                     len_w=args.len_w, len_l=args.len_l, steps=args.steps,
+                     progress=lambda m: print(m, file=sys.stderr))
+    print(f"plain step {r['plain_s']:.3g} s, in-run step {r['in_run_s']:.3g} s: ratio {r['ratio']:.3f} "
+          f"(CPU time ratio {r['cpu_ratio']:.3f}); contractions {r['contract_s']:.3g} s per step "
+          f"(batch {r['batch_size']}, prompt {r['prompt_len']}, responses {r['len_w']}|{r['len_l']} tokens, "
+          f"{r['threads']} threads)")
     return 0
 
 
@@ -601,8 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_grads)
 
-    p = sub.add_parser("bench", help="benchmarks: `dynamics bench grads`")
-    p.add_argument("what", choices=["grads"])
+    p = sub.add_parser("bench", help="benchmarks: `dynamics bench grads` (engines), `dynamics bench inrun` "
+                       "(in-run diagnostics vs a plain training step)")
+    p.add_argument("what", choices=["grads", "inrun"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--pairs", type=pos_int, default=2, help="pairs per data set")
     p.add_argument("--tokens", type=pos_int, default=32, help="TL;DR responses cut to this many tokens")
@@ -611,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=pos_int, default=1)
     p.add_argument("--no-token", action="store_true", help="sentence level only")
     p.add_argument("--out", default=None, help="CSV of every measurement")
+    p.add_argument("--batch-size", type=pos_int, default=2, help="inrun: pairs per step")
+    p.add_argument("--prompt-len", type=pos_int, default=400, help="inrun: prompt tokens (synthetic ids)")
+    p.add_argument("--len-w", type=pos_int, default=40, help="inrun: chosen response tokens")
+    p.add_argument("--len-l", type=pos_int, default=56, help="inrun: rejected response tokens")
+    p.add_argument("--steps", type=pos_int, default=4, help="inrun: timed steps of each kind")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("predict-check", help="first-order predictions vs one real step (SGD and AdamW)")

@@ -546,3 +546,201 @@ def ghost_token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, 
             sq_a.add_(gram_from_uses(keep_a, keep_a, La, La, diag=True))
             sq_b.add_(gram_from_uses(keep_b, keep_b, Lb, Lb, diag=True))
     return M, sq_a, sq_b
+
+
+# ------------------------------------------------------------------ pair entries (in-run diagnostics)
+#
+# Used by `dynamics.core.inrun` on the factors captured from a *training* backward: only the three
+# Gram entries of each preference pair are needed, ⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖² (linear in the number
+# of pairs B), not the full (2B)² Gram of `gram_from_uses`.
+
+def call_uses(module: nn.Module, names: list[tuple[str, nn.Parameter]], inp: Tensor, grad: Tensor,
+              *, compact: bool = False) -> list[tuple[int, Use]]:
+    """The uses ``(id(parameter), Use)`` of one module call, from its input and output gradient.
+
+    ``module``: the module called; ``names``: its selected ``(role, parameter)`` (``"weight"``,
+    ``"bias"``); ``inp``: the call's input, (N, T, d_in) or (N, T) ids for an ``nn.Embedding``;
+    ``grad``: the gradient of the scalar the backward started from with respect to the call's
+    output, (N, T, d_out). Items are the N rows (sequences): rows do not interact in a causal LM,
+    so row i of ``grad`` is item i's own output gradient (times whatever scalar ∂L/∂log π_i the
+    backward carried).
+
+    ``compact``: for position-wise uses (``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Embedding``) drop
+    the positions where the output gradient is exactly 0 (e.g. the prompt positions of a
+    full-sequence lm_head, which no response log-prob depends on): a position τ contributes
+    ``b_τ ⊗ a_τ = 0`` there, so the Gram is unchanged but the contractions get shorter. Kept
+    positions are packed to the left: (N, T', ·) with T' the largest count of a row; a row's
+    unused slots are zeroed. It costs a pass over ``grad``, so it pays only where many positions
+    carry no gradient. Without it, a zero-gradient position whose input is non-finite would
+    give NaN — as it does in the training's own weight gradient Σ_τ b_τ ⊗ a_τ.
+    Other modules (norm weights) get their per-item gradient materialized from the raw input.
+    """
+    conv1d = _conv1d_type()
+    positionwise = isinstance(module, (nn.Linear, nn.Embedding)) or (conv1d and isinstance(module, conv1d))
+    if compact and positionwise and grad.dim() >= 3 and inp.shape[:2] == grad.shape[:2]:
+        inp, grad = compact_positions(inp, grad)
+    if not positionwise:
+        fast = _elementwise_param_uses(module, names, inp, grad)
+        if fast is not None:
+            return fast
+    return _uses_of_call(_Call(module, list(names), inp, grad), grad, shared=False)
+
+
+def _elementwise_param_uses(module: nn.Module, names, inp: Tensor, grad: Tensor) -> list[tuple[int, Use]] | None:
+    """Per-item gradients of 1-D parameters that act elementwise along the last axis (norm weights
+    and biases: ``y = γ ⊙ n(x) + β``) from one vjp, with each item given its own copy of the
+    parameter, broadcast over positions: γ → (N, 1, .., d). Row i of the output depends only on
+    copy i, so the vjp with the output gradient gives item i's gradient in row i.
+
+    ``nn.LayerNorm`` (whose ``F.layer_norm`` needs γ of shape (d,)) is done in closed form. Other
+    modules are used only when their output with the broadcast copies equals their ordinary
+    output exactly; else None (the caller falls back to one vmapped vjp per item)."""
+    from torch.func import functional_call, vjp
+
+    d, N = inp.shape[-1], grad.shape[0]
+    if inp.dim() < 3 or not inp.is_floating_point() or not all(p.dim() == 1 and p.shape[0] == d for _, p in names):
+        return None
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        # y = γ ⊙ x̂ + β with x̂ = layer_norm(x) unscaled: item i's gradients Σ_τ b_iτ ⊙ x̂_iτ and Σ_τ b_iτ
+        xhat = F.layer_norm(inp, module.normalized_shape, None, None, module.eps)
+        pos = tuple(range(1, inp.dim() - 1))
+        g = {"weight": (grad * xhat).sum(pos), "bias": grad.sum(pos)}
+        return [(id(p), Use(mat=g[r].reshape(N, d))) for r, p in names]
+    base = {r: p.detach() for r, p in names}
+    per = {r: p.expand(N, *([1] * (inp.dim() - 2)), d) for r, p in base.items()}
+    try:
+        with torch.enable_grad():
+            out, pull = vjp(lambda prm: functional_call(module, prm, (inp,)), per)
+        if out.shape != grad.shape or not torch.equal(out, functional_call(module, base, (inp,))):
+            return None
+    except RuntimeError:
+        return None
+    grads = pull(grad)[0]
+    return [(id(p), Use(mat=grads[r].reshape(N, d))) for r, p in names]
+
+
+def compact_positions(inp: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep, per row, the positions where ``grad`` (N, T, ...) is not all zero, packed to the left.
+
+    Returns ``(inp', grad')`` with T' = the largest number of kept positions of a row; slots past
+    a row's count hold zeros (id 0 for an integer ``inp``) in both, so they contribute nothing.
+    """
+    N, T = grad.shape[:2]
+    keep = grad.reshape(N, T, -1).ne(0).any(-1)                                   # (N, T)
+    n_keep = keep.sum(1)                                                         # (N,)
+    Tk = max(int(n_keep.max()), 1)
+    if Tk < T:
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tk]  # kept first, in order
+        take = lambda t: t.gather(1, order.reshape(N, Tk, *([1] * (t.dim() - 2))).expand(N, Tk, *t.shape[2:]))
+        inp, grad = take(inp), take(grad)
+        keep = torch.arange(Tk, device=grad.device)[None, :] < n_keep[:, None]   # (N, Tk)
+    zero_out = lambda t: torch.where(keep.reshape(N, -1, *([1] * (t.dim() - 2))), t,
+                                     torch.zeros((), dtype=t.dtype, device=t.device))
+    return zero_out(inp), zero_out(grad)
+
+
+def _items(f: Factor, idx: Tensor | slice) -> Tensor:
+    """The factor's rows for items ``idx`` ((B,) indices or a slice: a view, no copy):
+    (B, T, k) or (B, T) ids (a shared factor expands)."""
+    if f.x.shape[0] == 1:
+        n = len(range(*idx.indices(10 ** 12))) if isinstance(idx, slice) else len(idx)
+        return f.x.expand(n, *f.x.shape[1:])
+    return f.x[idx]
+
+
+def _as_slice(idx: Tensor) -> Tensor | slice:
+    """``idx`` as a slice when it is a run of consecutive indices (rows then index as views)."""
+    if len(idx) and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + len(idx), device=idx.device)).all()):
+        return slice(int(idx[0]), int(idx[0]) + len(idx))
+    return idx
+
+
+def _factor_dot_pairs(fa: Factor, ia, fb: Factor, ib, dtype: torch.dtype) -> Tensor:
+    """``fa[ia[k], τ] · fb[ib[k], σ]`` for each k: (B, Ta, Tb) in ``dtype``.
+
+    One-hot (embedding) factors: equality of ids, or the dense factor's entry at the id.
+    """
+    xa, xb = _items(fa, ia), _items(fb, ib)
+    if fa.onehot and fb.onehot:
+        return (xa[:, :, None] == xb[:, None, :]).to(dtype)
+    if fa.onehot:  # e_{x_aτ} · fb[σ] = fb[σ, x_aτ]
+        return xb.to(dtype).gather(2, xa[:, None, :].expand(-1, xb.shape[1], -1)).transpose(1, 2)
+    if fb.onehot:
+        return _factor_dot_pairs(fb, ib, fa, ia, dtype).transpose(1, 2)
+    return torch.bmm(xa.to(dtype), xb.to(dtype).transpose(1, 2))
+
+
+def _pair_term(u: Use, ia, v: Use, ib, dtype: torch.dtype) -> Tensor:
+    """``Σ_{τσ} (rows_u[ia_k,τ]·rows_v[ib_k,σ]) (cols_u[ia_k,τ]·cols_v[ib_k,σ])`` for each k: (B,)."""
+    R = _factor_dot_pairs(u.rows, ia, v.rows, ib, dtype)                                  # (B, Ta, Tb)
+    C = _factor_dot_pairs(u.cols, ia, v.cols, ib, dtype)
+    return (R * C).sum((1, 2))
+
+
+def _restrict(u: Use, idx) -> Use:
+    """The use with its items restricted to ``idx`` (indices or a slice; shared factors stay shared)."""
+    if u.mat is not None:
+        return Use(mat=u.mat[idx])
+    pick = lambda f: f if f.x.shape[0] == 1 else Factor(f.x[idx], f.onehot, f.shared)
+    return Use(pick(u.rows), pick(u.cols))
+
+
+def _compute_dtype(uses: list[Use]) -> torch.dtype:
+    """float64 if any dense factor (or materialized gradient) is float64, else float32."""
+    dts = {u.mat.dtype for u in uses if u.mat is not None}
+    dts |= {f.x.dtype for u in uses if u.mat is None for f in (u.rows, u.cols) if not f.onehot}
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
+def pair_entries_from_uses(uses: dict[int, list[Use]], w: Tensor, l: Tensor, *,
+                           mode: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """``(⟨g_w[k], g_l[k]⟩, ‖g_w[k]‖², ‖g_l[k]‖²)`` for the item pairs ``(w[k], l[k])``: three (B,)
+    float64 tensors, summed over the parameters in ``uses`` (``id(parameter) -> its uses``, a tied
+    weight's uses together so that the cross terms between uses are included).
+
+    Per parameter, the cheaper of two exact forms (flop count; docs/math.md §6.2):
+
+    - ghost: ``Σ_{u,v} Σ_{τσ} (rows_u·rows_v)(cols_u·cols_v)`` over ordered pairs of uses, three
+      (B, T_u, T_v) contractions per pair of uses (w·l, w·w, l·l) — cost 3 B T_u T_v (k_rows + k_cols);
+    - materialized: each item's gradient ``Σ_u Σ_τ rows ⊗ cols`` (2B, P), then three row-wise dot
+      products — cost 2B T P + 3 B P (never for an embedding use; always for a ``mat`` use).
+
+    ``mode="ghost"`` / ``"materialize"`` forces one form where it exists (tests, benchmarks).
+    The contraction runs in float64 for float64 factors, else float32 (bf16/fp16 upcast).
+    """
+    if mode not in ("auto", "ghost", "materialize"):
+        raise ValueError(f"unknown mode {mode!r}; known: auto, ghost, materialize")
+    B = len(w)
+    ip = torch.zeros(B, dtype=torch.float64, device=w.device)
+    sq_w, sq_l = torch.zeros_like(ip), torch.zeros_like(ip)
+    items = _as_slice(torch.cat([w, l]))
+    w, l = _as_slice(w), _as_slice(l)
+    for pid, ulist in uses.items():
+        dtype = _compute_dtype(ulist)
+        has_mat = any(u.mat is not None for u in ulist)
+        onehot = any(u.mat is None and (u.rows.onehot or u.cols.onehot) for u in ulist)
+        c_ghost = float("inf") if has_mat else 3 * B * sum(
+            u.rows.x.shape[1] * v.rows.x.shape[1] * (u.rows.dim + u.cols.dim) for u in ulist for v in ulist)
+        if onehot and not has_mat:
+            c_mat = float("inf")
+        else:
+            size = lambda u: u.mat.shape[1] if u.mat is not None else u.rows.dim * u.cols.dim
+            P = size(ulist[0])
+            c_mat = sum(0 if u.mat is not None else 2 * B * u.rows.x.shape[1] * P for u in ulist) + 3 * B * P
+        if mode != "auto" and c_mat != float("inf") and c_ghost != float("inf"):
+            c_mat, c_ghost = (0.0, 1.0) if mode == "materialize" else (1.0, 0.0)
+        if c_mat < c_ghost:
+            if onehot:
+                raise NotImplementedError("a parameter with both an embedding use and a materialized use")
+            G = sum(_materialize(_restrict(u, items), 2 * B).to(dtype) for u in ulist)      # (2B, P)
+            Gw, Gl = G[:B], G[B:]
+            ip += (Gw * Gl).sum(1).double()
+            sq_w += (Gw * Gw).sum(1).double()
+            sq_l += (Gl * Gl).sum(1).double()
+        else:
+            for u in ulist:
+                for v in ulist:
+                    ip += _pair_term(u, w, v, l, dtype).double()
+                    sq_w += _pair_term(u, w, v, w, dtype).double()
+                    sq_l += _pair_term(u, l, v, l, dtype).double()
+    return ip, sq_w, sq_l

@@ -18,7 +18,8 @@ Reference log-probs of the probe pairs are computed at ``on_train_begin`` from t
 is then (TRL's default reference: the initial policy; for a PEFT model, with the adapters
 disabled), unless given as ``ref`` (a DataFrame with ``ref_w, ref_l`` in probe order).
 
-What it cannot do: sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
+What it cannot do: the in-run rows of ``RecorderConfig.in_run`` (refused: see `__init__`), and
+sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
 parameter snapshot and the probe forward passes assume one process holding the whole model;
 it raises for ``world_size > 1``). It tokenizes the probe pairs itself (prompt and response
 separately, `dynamics.core.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
@@ -38,6 +39,7 @@ from dynamics.core.logprobs import reference_logprobs, tokenize_pairs
 from dynamics.runs.rundir import RunDir, to_jsonable
 from dynamics.inputs.models import precision_name
 from dynamics.core.losses import resolve_hyper
+from dynamics.errors import InputError
 from dynamics.runs.recorder import Recorder, RecorderConfig, outside_autocast
 
 try:
@@ -75,6 +77,11 @@ class DynamicsCallback(TrainerCallback):
         if append_eos not in (True, False, "auto"):
             raise ValueError(f"append_eos must be True, False or 'auto', got {append_eos!r}")
         self.recorder = recorder if recorder is not None else RecorderConfig()
+        if self.recorder.in_run:
+            raise InputError("DynamicsCallback does not record in_run rows yet: TRL's DPOTrainer computes its "
+                             "log-probs with a fused LM head and its loss from reference log-probs the callback "
+                             "cannot see, so the per-pair scales and coefficients are not available from a "
+                             "callback; use the plain trainer (dynamics train --in-run) or in_run=False")
         self.loss, self.loss_params = loss, resolve_hyper(loss, loss_params)  # validated now, not at train begin
         self.append_eos = append_eos
         self.pairs, self.ref, self.max_length = list(probe_pairs), ref, max_length

@@ -22,6 +22,12 @@ drive this class. One flat row per step × probe pair goes to ``records.parquet`
   ``upd_dw = ⟨g_w, Δθ⟩``, ``upd_dl`` (forward-mode jvp, no per-example gradient), the actual
   changes ``act_dw, act_dl`` and ``case_obs``.
 
+With ``in_run`` on, `InRunRecorder` adds ``train_records.parquet``: one row per step × *training*
+pair, at every optimizer step, measured on the training forward/backward itself (no probe pass):
+the state columns above plus ``ip_wl, sq_w, sq_l, cos_wl``, the SGD-form ``pred_dw, pred_dl,
+thr_w, thr_l, case_pred`` and ``missing_reason`` (`dynamics.core.inrun`); ``in_run_update`` adds
+``upd_dw, upd_dl`` = ⟨g, Δθ⟩ of the step's real update for those pairs.
+
 ``whatif.parquet`` holds the SGD-form prediction under every loss of the zoo from the same
 gradients; ``token_grams/step{s}_{pair}.npz`` the token Grams of the first ``token_pairs`` probes
 with the Theorem 3 decomposition in ``token_decomp.parquet``.
@@ -37,6 +43,7 @@ import torch
 from dynamics.core import conditions
 from dynamics.core.analyzer import Analyzer
 from dynamics.core.grads import IMPLS
+from dynamics.core.inrun import InRunCapture, predict_with_missing
 from dynamics.core.logprobs import TokenizedPairs
 from dynamics.core.losses import compute_loss, resolve_hyper
 from dynamics.errors import InputError
@@ -56,8 +63,15 @@ class RecorderConfig:
     token_pairs: int = field(default=1, metadata={"help": "probe pairs whose token Grams are saved"})
     token_chunk: int | None = field(default=8, metadata={"help": "token gradients formed at once (memory, not values)"})
     probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
+    in_run: bool = field(default=False, metadata={"help": "record every optimizer step's training pairs (train_records.parquet) from the training backward itself"})
+    in_run_update: bool = field(default=False, metadata={"help": "with in_run: also the exact first-order effect <g, dtheta> of each real update on its training pairs (one jvp, ~3 forwards, per step)"})
 
     def __post_init__(self):
+        for name in ("in_run", "in_run_update"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.in_run_update and not self.in_run:
+            raise InputError("in_run_update needs in_run (it adds columns to the in-run rows of train_records)")
         if self.impl not in IMPLS:
             raise InputError(f"unknown impl {self.impl!r}; known: {', '.join(IMPLS)}")
         for name, low in (("eval_every", 1), ("token_pairs", 0)):
@@ -254,3 +268,148 @@ class Recorder:
                 row.update({k2: float(v[k]) for k2, v in changes.items()}, case_obs=int(obs[k]))
             rows.append(row)
         return rows
+
+
+TRAIN_RECORD_COLUMNS = ["step", "micro", "pair_id", "loss", "lr", "loss_value", "logp_w", "logp_l", "logp_w_norm",
+                        "logp_l_norm", "ref_w", "ref_l", "len_w", "len_l", "margin", "reward_acc", "d_w", "d_l",
+                        "c_w", "c_l", "ip_wl", "sq_w", "sq_l", "cos_wl", "pred_dw", "pred_dl", "thr_w", "thr_l",
+                        "case_pred", "missing_reason"]
+"""Columns of ``train_records.parquet`` (`InRunRecorder`); ``in_run_update`` appends ``upd_dw, upd_dl``."""
+
+
+class InRunRecorder:
+    """Diagnostics of the pairs actually trained on, at every optimizer step, from the training
+    backward (`dynamics.core.inrun`): one row per step × training pair in ``train_records.parquet``.
+
+    Per micro-batch (the trainer's loop; chosen rows 0..B-1 and rejected B..2B-1 of the forward)::
+
+        with inrun.micro_batch() as cap:
+            out = pair_logprobs(model, sub)
+            lw, ll = out.chosen.logp, out.rejected.logp
+            cap.watch(lw, ll)
+            loss = compute_loss(...).loss.sum() / B_opt
+            loss.backward()
+        inrun.add(step, sub.pair_ids, lw=lw, ll=ll, len_w=..., len_l=..., ref_w=..., ref_l=..., lr=lr)
+
+    and `end_step` after the optimizer step. Rows are buffered and appended every ``flush_every``
+    steps and by `flush` (the trainer flushes before writing a checkpoint, so the rows of every
+    step up to a checkpoint are on disk before it exists, and in a ``finally`` at the end): the
+    table is rewritten whole on every append, which at every step would grow quadratically with
+    the run. Rows of steps after the last flush are lost with a crash; resuming from the
+    checkpoint redoes them. The rows hold the state at θ_s as the training forward
+    saw it (train mode): ``logp_w, logp_l`` (+ ``_norm``), ``ref_w, ref_l``, ``margin``,
+    ``loss_value``, ``d_w, d_l`` of the run's loss; the captured scales ``c_w = ∂L/∂lw``,
+    ``c_l = ∂L/∂ll`` of the step's loss L (``−d_w/B_opt``, ``+d_l/B_opt`` for a batch-mean loss);
+    ``ip_wl, sq_w, sq_l, cos_wl``; the SGD-form prediction of this pair stepped alone with the
+    step's η (`dynamics.core.inrun.predict_with_missing`: ``pred_dw, pred_dl, thr_w, thr_l,
+    case_pred``, −1 when unavailable); ``missing_reason`` (None, or why an entry is NaN: a zero
+    coefficient, e.g. an inactive hinge); ``micro``: the micro-batch index within the step.
+
+    ``cfg.in_run_update``: also ``upd_dw = ⟨g_w(θ_s), Δθ⟩``, ``upd_dl`` for the real update
+    Δθ = θ_{s+1} − θ_s of the step (any optimizer, the whole batch): call `begin_step` before the
+    first micro-batch (it snapshots θ_s: one copy of the trainable parameters) and pass ``pairs``
+    to `add`. `end_step` puts θ_s back into the model for one forward-mode jvp over the step's
+    2B sequences (`dynamics.core.conditions.update_prediction`, eval mode, ≈ 3 forward passes; the
+    gradient at θ_s, as the backward's) and restores θ_{s+1} bit for bit.
+    """
+
+    TABLE = "train_records"
+
+    def __init__(self, model, run: RunDir, cfg: RecorderConfig, *, loss: str = "dpo", loss_params: dict | None = None,
+                 flush_every: int = 20):
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        self.run, self.cfg, self.flush_every = run, cfg, flush_every
+        self.loss, self.loss_params = loss, resolve_hyper(loss, loss_params)
+        self.capture = InRunCapture(model, cfg.params)
+        self.model = model
+        self._rows: list[dict] = []       # rows of the step being recorded
+        self._seqs: list = []             # (pairs, pad_id) of the step's micro-batches (in_run_update)
+        self._snapshot: dict | None = None
+        self._buffer: list[dict] = []     # rows of finished steps not yet on disk
+        self._steps_buffered = 0
+
+    def micro_batch(self):
+        """Context manager around one micro-batch's forward and backward (yields the capture,
+        whose ``watch(lw, ll)`` must be called before the backward)."""
+        return self.capture.capture()
+
+    def begin_step(self) -> None:
+        """Snapshot θ_s (``in_run_update`` only; a no-op otherwise). Call before the step's first micro-batch."""
+        if self.cfg.in_run_update:
+            self._snapshot = conditions.snapshot_params(self.model, self.capture.params)
+
+    def add(self, step: int, pair_ids, *, lw, ll, len_w, len_l, ref_w, ref_l, lr: float, micro: int = 0,
+            lw_norm=None, ll_norm=None, pairs: TokenizedPairs | None = None) -> None:
+        """Rows of the micro-batch just captured; ``lw, ll, len_w, len_l, ref_w, ref_l``: (B,) in pair
+        order; ``pairs``: the micro-batch's pairs (needed by ``in_run_update``)."""
+        if self.cfg.in_run_update:
+            if pairs is None or self._snapshot is None:
+                raise RuntimeError("in_run_update: call begin_step() before the step and pass add(..., pairs=)")
+            self._seqs.append(pairs)
+        prod = self.capture.result()
+        as64 = lambda t: torch.as_tensor(t).detach().double().cpu()
+        lw, ll, nw, nl, rw, rl = (as64(t) for t in (lw, ll, len_w, len_l, ref_w, ref_l))
+        lo = compute_loss(self.loss, lw, ll, rw, rl, nw, nl, **self.loss_params)
+        pred = predict_with_missing(lo.d_w, lo.d_l, prod.ip_wl, prod.sq_w, prod.sq_l, lr=lr)
+        lw_norm = lw / nw if lw_norm is None else as64(lw_norm)
+        ll_norm = ll / nl if ll_norm is None else as64(ll_norm)
+        margin = (lw - rw) - (ll - rl)
+        for k, pid in enumerate(pair_ids):
+            self._rows.append(dict(
+                step=step, micro=micro, pair_id=str(pid), loss=self.loss, lr=float(lr), loss_value=float(lo.loss[k]),
+                logp_w=float(lw[k]), logp_l=float(ll[k]), logp_w_norm=float(lw_norm[k]), logp_l_norm=float(ll_norm[k]),
+                ref_w=float(rw[k]), ref_l=float(rl[k]), len_w=int(nw[k]), len_l=int(nl[k]), margin=float(margin[k]),
+                reward_acc=bool(margin[k] > 0), d_w=float(lo.d_w[k]), d_l=float(lo.d_l[k]),
+                c_w=float(prod.c_w[k]), c_l=float(prod.c_l[k]), ip_wl=float(prod.ip_wl[k]), sq_w=float(prod.sq_w[k]),
+                sq_l=float(prod.sq_l[k]), cos_wl=float(prod.cos_wl[k]), pred_dw=float(pred["dlogp_w"][k]),
+                pred_dl=float(pred["dlogp_l"][k]), thr_w=float(pred["thr_w"][k]), thr_l=float(pred["thr_l"][k]),
+                case_pred=int(pred["case"][k]), missing_reason=prod.missing[k]))
+
+    def end_step(self) -> dict[str, float]:
+        """Close the step whose micro-batches were added (call after the optimizer step); appends
+        to the table every ``flush_every`` steps. Returns scalar summaries of the step for loggers
+        (means over its pairs, NaN entries skipped)."""
+        rows, self._rows = self._rows, []
+        if self._snapshot is not None:
+            self._update_effects(rows)
+        if not rows:
+            return {}
+        self._buffer += rows
+        self._steps_buffered += 1
+        if self._steps_buffered >= self.flush_every:
+            self.flush()
+        df = pd.DataFrame(rows)
+        return {"inrun/cos_wl": float(df.cos_wl.mean()), "inrun/margin": float(df.margin.mean()),
+                "inrun/pred_dw": float(df.pred_dw.mean()), "inrun/pred_dl": float(df.pred_dl.mean()),
+                "inrun/frac_case2": float((df.case_pred == 2).mean()),
+                "inrun/frac_missing": float(df.missing_reason.notna().mean())}
+
+    def _update_effects(self, rows: list[dict]) -> None:
+        """``upd_dw, upd_dl`` of the step's rows: ⟨g(θ_s), Δθ⟩ by one jvp at θ_s, θ_{s+1} restored."""
+        before, self._snapshot = self._snapshot, None
+        seqs, self._seqs = self._seqs, []
+        delta = conditions.param_delta(self.model, before)
+        params = self.capture.params
+        after = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(before[n])
+            upd = []
+            for tp in seqs:  # micro-batch by micro-batch, in the order of the rows
+                d = conditions.update_prediction(self.model, tp.chosen + tp.rejected, tp.pad_id, delta, params)
+                upd.append(d.double().cpu().reshape(2, len(tp)))
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(after[n])
+        upd = torch.cat(upd, dim=1) if upd else torch.zeros(2, 0)
+        for k, row in enumerate(rows):
+            row.update(upd_dw=float(upd[0, k]), upd_dl=float(upd[1, k]))
+
+    def flush(self) -> None:
+        """Append the rows of the finished steps to ``train_records.parquet`` (atomic rewrite)."""
+        if self._buffer:
+            self.run.append(self.TABLE, self._buffer)
+        self._buffer, self._steps_buffered = [], 0

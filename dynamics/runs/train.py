@@ -5,7 +5,9 @@ reference (its log-probs of every pair are computed once and cached, so no secon
 kept), then train with the chosen preference loss (full fine-tuning or LoRA, AdamW or SGD,
 gradient accumulation). Every ``eval_every`` steps a `dynamics.runs.recorder.Recorder` measures a
 fixed set of probe pairs around the optimizer update (log-probs, gradient inner products,
-predicted and actual changes, what-if table, token Grams) into the run directory.
+predicted and actual changes, what-if table, token Grams) into the run directory. With
+``recorder.in_run`` a `dynamics.runs.recorder.InRunRecorder` also records, at every step, the
+pairs being trained on (``train_records.parquet``), from hooks on the training backward itself.
 
 Checkpoints (``checkpoint/``: trainable parameters, optimizer state, step) are written
 atomically every ``save_every`` steps; ``resume=True`` continues from the last one and drops
@@ -21,6 +23,7 @@ raises `RunInterrupted`, whose message says where the run stopped and how to res
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,7 +44,7 @@ from dynamics.inputs import data as data_mod
 from dynamics.inputs.models import check_device, check_model_name, load_model
 from dynamics.runs.checkpoints import (checkpoint_file, copy_params, load_checkpoint, load_plain, read_checkpoint,
                                        save_checkpoint)
-from dynamics.runs.recorder import Recorder, RecorderConfig
+from dynamics.runs.recorder import InRunRecorder, Recorder, RecorderConfig
 from dynamics.runs.rundir import (RunDir, atomic_write_bytes, cached_reference_logprobs, move_aside, out_dir_state,
                                   run_files, to_jsonable, upgrade_config)
 
@@ -132,6 +135,9 @@ class TrainConfig:
             source = getattr(self, what)
             if source is not None and not str(source).startswith(data_mod.HF_PREFIX):
                 data_mod.check_data_file(source, what=f"{what} file")
+        if self.recorder.in_run and self.lora_r and self.recorder.params not in ("trainable", "lora"):
+            raise InputError(f"in_run with LoRA measures the gradients the training backward computes, those of the "
+                             f"adapters: use params 'trainable' or 'lora', not {self.recorder.params!r}")
         if self.resume and self.overwrite:
             raise InputError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite moves it aside and starts a new one")
@@ -338,7 +344,7 @@ def _interrupted(cfg: TrainConfig, run: RunDir | None) -> RunInterrupted:
             saved = None
     lines = [f"interrupted: the run in {out} stopped "
              + (f"after step {done} of {cfg.steps}." if done else "before its first preference step completed.")]
-    on_disk = [f"{name} up to step {run.last_step(name)}" for name in ("train", "records", "sft")
+    on_disk = [f"{name} up to step {run.last_step(name)}" for name in ("train", "records", InRunRecorder.TABLE, "sft")
                if run.last_step(name) is not None]
     lines.append("On disk: config.json" + (", " + ", ".join(on_disk) if on_disk else "") + ".")
     if saved is not None:
@@ -432,7 +438,7 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     if cfg.resume:
         start = load_checkpoint(ckpt_file.parent, model, opt, ckpt_state)
         run.write_config(cfg, writer=WRITER)  # the same configuration, with the new step count
-        for table in ("records", "whatif", "token_decomp", "probes"):  # rows of steps >= start are redone
+        for table in ("records", "whatif", "token_decomp", "probes", InRunRecorder.TABLE):  # rows of steps >= start are redone
             run.truncate_after(table, start - 1)
         run.truncate_after("train", start)
     rec = Recorder(model, probe_tp, ref_probe, run, cfg.recorder, loss=cfg.loss, loss_params=cfg.loss_params,
@@ -443,44 +449,65 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     for _ in range(start):  # the same batch sequence as an uninterrupted run
         next(batches)
     micro = cfg.batch_size // cfg.grad_accum
+    # in_run: every step's training pairs, measured on the training backward (train_records.parquet)
+    inrun = (InRunRecorder(model, run, cfg.recorder, loss=cfg.loss, loss_params=cfg.loss_params)
+             if cfg.recorder.in_run else None)
     model.train()
-    for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress, initial=start,
-                     total=cfg.steps):
-        idx = next(batches)
-        t_step = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for lo_i in range(0, len(idx), micro):
-            sub = idx[lo_i:lo_i + micro]
-            out = pair_logprobs(model, train_tp.subset(sub))
-            lw, ll = out.chosen.logp, out.rejected.logp
-            ref_w, ref_l = _ref_tensors(ref_train, sub, lw.dtype, lw.device)
-            try:
-                lo = compute_loss(cfg.loss, lw, ll, ref_w, ref_l, out.chosen.lengths.to(lw.dtype),
-                                  out.rejected.lengths.to(lw.dtype), **cfg.loss_params)
-            except ValueError as e:  # NaN/inf: stop, naming the step; earlier rows are on disk
-                raise ValueError(f"step {step}: {e}") from e
-            loss = lo.loss.sum() / len(idx)  # mean over the whole optimizer batch
-            loss.backward()
-            total += loss.item()
-        record, t_rec = cfg.recorder.due(step), 0.0
-        if record:
-            t = time.perf_counter()
-            try:
-                rec.before_update(step)
-            except ValueError as e:
-                raise ValueError(f"step {step}: probe pairs: {e}") from e
-            t_rec += time.perf_counter() - t
-        opt.step()
-        if record:
-            t = time.perf_counter()
-            rec.after_update()
-            t_rec += time.perf_counter() - t
-        # step_s: forward, backward and optimizer step; record_s: the diagnostics around it
-        run.append("train", [dict(step=step + 1, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0,
-                                  step_s=time.perf_counter() - t_step - t_rec, record_s=t_rec)])
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(ckpt, model, opt, step + 1)
+    try:
+        for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress, initial=start,
+                         total=cfg.steps):
+            idx = next(batches)
+            t_step = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            if inrun is not None:
+                inrun.begin_step()
+            for k_micro, lo_i in enumerate(range(0, len(idx), micro)):
+                sub = idx[lo_i:lo_i + micro]
+                sub_tp = train_tp.subset(sub)
+                with inrun.micro_batch() if inrun else contextlib.nullcontext() as cap:
+                    out = pair_logprobs(model, sub_tp)
+                    lw, ll = out.chosen.logp, out.rejected.logp
+                    if cap is not None:
+                        cap.watch(lw, ll)
+                    ref_w, ref_l = _ref_tensors(ref_train, sub, lw.dtype, lw.device)
+                    try:
+                        lo = compute_loss(cfg.loss, lw, ll, ref_w, ref_l, out.chosen.lengths.to(lw.dtype),
+                                          out.rejected.lengths.to(lw.dtype), **cfg.loss_params)
+                    except ValueError as e:  # NaN/inf: stop, naming the step; earlier rows are on disk
+                        raise ValueError(f"step {step}: {e}") from e
+                    loss = lo.loss.sum() / len(idx)  # mean over the whole optimizer batch
+                    loss.backward()
+                total += loss.item()
+                if inrun is not None:
+                    inrun.add(step, sub_tp.pair_ids, lw=lw, ll=ll, len_w=out.chosen.lengths, len_l=out.rejected.lengths,
+                              ref_w=ref_w, ref_l=ref_l, lw_norm=out.chosen.logp_norm, ll_norm=out.rejected.logp_norm,
+                              lr=cfg.lr, micro=k_micro, pairs=sub_tp)
+            record, t_rec = cfg.recorder.due(step), 0.0
+            if record:
+                t = time.perf_counter()
+                try:
+                    rec.before_update(step)
+                except ValueError as e:
+                    raise ValueError(f"step {step}: probe pairs: {e}") from e
+                t_rec += time.perf_counter() - t
+            opt.step()
+            if record:
+                t = time.perf_counter()
+                rec.after_update()
+                t_rec += time.perf_counter() - t
+            if inrun is not None:
+                inrun.end_step()
+            # step_s: forward, backward and optimizer step; record_s: the diagnostics around it
+            run.append("train", [dict(step=step + 1, loss=total, lr=cfg.lr, elapsed_s=time.time() - t0,
+                                      step_s=time.perf_counter() - t_step - t_rec, record_s=t_rec)])
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                if inrun is not None:
+                    inrun.flush()  # rows up to the checkpoint on disk before it exists
+                save_checkpoint(ckpt, model, opt, step + 1)
+    finally:  # every finished step's rows on disk, also when a step fails or is interrupted
+        if inrun is not None:
+            inrun.flush()
     rec.final(cfg.steps)
     model.eval()
     return run

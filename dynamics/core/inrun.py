@@ -1,0 +1,324 @@
+"""In-run gradient inner products: ⟨g_w, g_l⟩, ‖g_w‖², ‖g_l‖² of the pairs being trained on,
+from hooks on the training backward itself (no extra forward or backward).
+
+The batch loss of a preference step over B pairs (of a micro-batch; the trainer divides by the
+optimizer batch size B_opt) depends on θ only through the sequence log-probs::
+
+    L = (1/B_opt) Σ_k ℓ_k(lw_k, ll_k),      ∂L/∂lw_k = c_w,k = −d_w,k / B_opt,
+                                            ∂L/∂ll_k = c_l,k = +d_l,k / B_opt
+
+(d_w, d_l of docs/math.md §2). Rows of a causal LM do not interact, so at every module the
+training backward delivers, for the row of sequence i, the output gradient of log π_i scaled by
+its scalar: b_iτ = c_i b̃_iτ with b̃_iτ = ∂ log π_i / ∂y_iτ. The ghost identity (§6.1) then gives,
+per parameter and summed over its uses (a tied embedding / lm_head: all pairs of uses)::
+
+    c_i c_j ⟨g_i, g_j⟩ = Σ_{τσ} (a_iτ · a_jσ)(b_iτ · b_jσ)          (a: the use's input factor)
+
+and only three entries per pair are formed: (w_k, l_k), (w_k, w_k), (l_k, l_k) — linear in B —
+each divided by the captured c_w,k c_l,k, c_w,k², c_l,k². The scalars c are read from the
+backward (hooks on the log-prob tensors the loss was computed from), so they are exactly the
+factors that multiplied b. Where c_i = 0 exactly (an inactive hinge: SLiC-HF or RRHF past its
+margin has d_l = 0) the backward carries no information on g_i: the entries that need it are NaN
+and `PairProducts.missing` says why.
+
+Per parameter the cheaper exact contraction is used (`dynamics.core.ghost.pair_entries_from_uses`):
+the ghost form, cost 3 B T² (d_in + d_out), or per-example gradients, cost 2B·T·d_in·d_out
+(docs/math.md §6.2). At the lm_head, positions whose output gradient is exactly zero (a
+full-sequence head, as in TRL: every prompt position) are dropped before contracting. Right
+padding needs no masking: a padded position's output gradient is exactly zero, and its input is
+finite whenever the training's own weight gradient is.
+
+What the numbers are. θ = the selected parameters, which must all be trainable (the backward
+reaches nothing else). The forward runs as the trainer runs it: in train mode, so with dropout
+the inner products are those of the gradients with the dropout masks actually drawn (the tiny
+test models have dropout 0, SmolLM2 too). LoRA: θ = the adapter matrices (``lora_A``/``lora_B``
+are linear layers). Tied weights: one parameter, its embedding and head uses together.
+Mixed precision (``torch.autocast``) is accepted: the factors are those of the mixed-precision
+backward (half-precision output gradients, the layer inputs as the module received them) and the
+contraction runs in float32, so the values carry the half-precision rounding of the training
+gradients (measured ~2e-3 relative, tested to 2e-2 against the float64 oracle). Refused with `InputError`:
+gradient checkpointing (the recomputed forward would record every call twice), a selected
+parameter that does not require grad, a selected lm_head weight used outside the lm_head module
+(a fused LM head such as TRL's ``fused_lm_head``: its gradient flows past every hook), a parameter
+used by a module that takes several tensor inputs, and more than one forward with grad under one
+capture.
+
+Usage (one micro-batch; `dynamics.runs.recorder.InRunRecorder` does this for the trainer)::
+
+    cap = InRunCapture(model, "trainable")
+    with cap.capture():
+        out = pair_logprobs(model, pairs)                  # rows: chosen 0..B-1, rejected B..2B-1
+        lw, ll = out.chosen.logp, out.rejected.logp
+        cap.watch(lw, ll)
+        loss = compute_loss("dpo", lw, ll, rw, rl).loss.sum() / B
+        loss.backward()
+    prod = cap.result()                                    # PairProducts, (B,) each
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dynamics.core import conditions
+from dynamics.core.ghost import Use, call_uses, pair_entries_from_uses
+from dynamics.core.grads import resolve_params
+from dynamics.core.logprobs import unwrap
+from dynamics.errors import InputError
+
+__all__ = ["InRunCapture", "PairProducts", "MISSING_REASONS", "CONTRACTIONS", "predict_with_missing"]
+
+CONTRACTIONS = ("auto", "ghost", "materialize")
+"""How each parameter's entries are contracted (`dynamics.core.ghost.pair_entries_from_uses`): the
+cheaper by flop count, or always one form (an embedding use is always ghost); equal values."""
+
+MISSING_REASONS = {
+    (True, False): "no gradient to chosen (d_w=0)",
+    (False, True): "no gradient to rejected (d_l=0)",
+    (True, True): "no gradient to chosen or rejected (d_w=d_l=0)",
+}
+"""``missing`` text by (c_w = 0, c_l = 0): which response this backward carried no gradient to."""
+
+
+@dataclass
+class PairProducts:
+    """Per training pair (B,), float64: ``ip_wl = ⟨g_w,g_l⟩``, ``sq_w = ‖g_w‖²``, ``sq_l = ‖g_l‖²``,
+    ``cos_wl`` (0 when a norm is 0), NaN where the backward carried no gradient to a response;
+    ``c_w, c_l``: the captured ∂L/∂lw, ∂L/∂ll; ``missing``: None or a `MISSING_REASONS` text."""
+    ip_wl: Tensor
+    sq_w: Tensor
+    sq_l: Tensor
+    cos_wl: Tensor
+    c_w: Tensor
+    c_l: Tensor
+    missing: list = field(default_factory=list)
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    names: list                   # selected (role, parameter) owned by the module
+    inp: Tensor                   # detached input: (N, T, d_in) or (N, T) ids
+    n_rows: int
+
+
+def _single_input(mod, args, kwargs) -> Tensor:
+    tensors = [a for a in args if isinstance(a, Tensor)] + [v for v in kwargs.values() if isinstance(v, Tensor)]
+    if len(tensors) != 1:
+        raise InputError(f"in_run: module {type(mod).__name__} owns a selected parameter but takes {len(tensors)} "
+                         "tensor inputs; the in-run engine handles modules with one tensor input and one output "
+                         "(linear, embedding, norm layers); select other parameters or turn in_run off")
+    return tensors[0]
+
+
+class InRunCapture:
+    """Hooks that turn a training forward/backward of 2B sequences into per-pair Gram entries.
+
+    ``model``: a causal LM (transformers, possibly PEFT-wrapped); ``params``: a
+    `dynamics.core.grads.select_params` spec or dict, resolved now; every selected parameter must
+    require grad. ``contraction``: one of `CONTRACTIONS` (equal values; "auto" is the fastest).
+    One `capture` block holds one forward with grad and one backward (one micro-batch); `result`
+    is valid after it and until the next `capture`.
+    """
+
+    def __init__(self, model, params="trainable", *, contraction: str = "auto"):
+        if contraction not in CONTRACTIONS:
+            raise ValueError(f"unknown contraction {contraction!r}; known: {', '.join(CONTRACTIONS)}")
+        self.model, self.contraction = model, contraction
+        self.params = resolve_params(model, params)
+        frozen = [n for n, p in self.params.items() if not p.requires_grad]
+        if frozen:
+            raise InputError(f"in_run: the selected parameters {frozen[:3]}{' ...' if len(frozen) > 3 else ''} do not "
+                             "require grad; the training backward computes gradients of the trainable parameters "
+                             "only, so in_run measures those (params='trainable' or a subset)")
+        if not self.params:
+            raise InputError("in_run: no parameter selected")
+        self._reset()
+
+    def _reset(self):
+        self._calls: list[_Call] = []
+        self._forwards = 0
+        self._rows: tuple[Tensor, Tensor] | None = None
+        self._c: dict[str, Tensor] = {}
+        self._head: nn.Module | None = None
+        self._n_calls: dict[int, int] | None = None
+        self._pending: dict[int, list[Use]] = {}
+        self._acc: tuple[Tensor, Tensor, Tensor] | None = None
+        self._grads_seen = 0
+        self._busy = False     # inside our own computations (the norm-weight vjp runs the module again)
+        self.seconds = 0.0     # spent in the contractions of this capture (during and after the backward)
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Record the selected parameters' module calls of the forward run inside, and contract
+        their uses as the backward inside delivers each output gradient; hooks always removed."""
+        base = unwrap(self.model)
+        flag = ("is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing")
+                else "is_gradient_checkpointing")  # transformers >= 5 renamed it
+        if getattr(base, flag, False):
+            raise InputError("in_run does not support gradient checkpointing: the checkpointed forward is run "
+                             "again inside the backward and its module calls would be recorded twice; turn "
+                             "gradient checkpointing off or in_run off")
+        self._reset()
+        wanted = self._wanted = {id(p) for p in self.params.values()}
+        handles = []
+
+        def on_forward(mod, args, kwargs, output, names):
+            if self._busy or not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+                return  # a no-grad forward (reference log-probs, scoring): not part of the training step
+            inp = _single_input(mod, args, kwargs)
+            k = len(self._calls)
+            self._calls.append(_Call(mod, names, inp.detach(), output.shape[0]))
+            output.register_hook(lambda g, k=k: self._on_grad(k, g))
+
+        def count_forward(mod, args, kwargs):
+            if torch.is_grad_enabled():
+                self._forwards += 1
+
+        get_head = getattr(base, "get_output_embeddings", None)
+        self._head = get_head() if callable(get_head) else None
+        try:
+            for module in base.modules():
+                names = [(r, p) for r, p in module.named_parameters(recurse=False) if id(p) in wanted]
+                if names:
+                    handles.append(module.register_forward_hook(
+                        lambda m, a, kw, o, names=names: on_forward(m, a, kw, o, names), with_kwargs=True))
+            emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+            if isinstance(emb, nn.Module):
+                handles.append(emb.register_forward_pre_hook(count_forward, with_kwargs=True))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def watch(self, logp_w: Tensor, logp_l: Tensor, rows_w: Tensor | None = None, rows_l: Tensor | None = None) -> None:
+        """Declare the pairs: ``logp_w, logp_l`` (B,) are the chosen/rejected log-prob tensors the
+        loss is computed from (hooks read ∂L/∂log π from them), ``rows_w, rows_l`` (B,) their rows
+        in the model batch (default: chosen 0..B-1, rejected B..2B-1, as `pair_logprobs` and TRL's
+        concatenated forward stack them). Call inside `capture`, before the backward."""
+        B = logp_w.shape[0]
+        if logp_l.shape != (B,) or logp_w.shape != (B,):
+            raise ValueError(f"watch: logp_w and logp_l must be (B,), got {tuple(logp_w.shape)}, {tuple(logp_l.shape)}")
+        dev = logp_w.device
+        rows_w = torch.arange(B, device=dev) if rows_w is None else torch.as_tensor(rows_w, device=dev)
+        rows_l = torch.arange(B, 2 * B, device=dev) if rows_l is None else torch.as_tensor(rows_l, device=dev)
+        self._rows = (rows_w, rows_l)
+        self._c = {}
+        for side, t in (("w", logp_w), ("l", logp_l)):
+            if not t.requires_grad:
+                raise ValueError(f"watch: logp_{side} does not require grad (computed without grad?)")
+            t.register_hook(lambda g, side=side: self._c.__setitem__(side, g.detach().double()))
+
+    # ------------------------------------------------------------------ during the backward
+    def _on_grad(self, k: int, g: Tensor) -> None:
+        if self._rows is None:
+            raise RuntimeError("InRunCapture: the backward ran before watch(logp_w, logp_l)")
+        if self._n_calls is None:  # the forward is complete once the backward starts
+            self._check_forward()
+            self._n_calls = {}
+            for c in self._calls:
+                for _, p in c.names:
+                    self._n_calls[id(p)] = self._n_calls.get(id(p), 0) + 1
+        call = self._calls[k]
+        self._grads_seen += 1
+        self._busy, t0 = True, time.perf_counter()
+        try:
+            self._contract_call(call, g)
+        finally:
+            self._busy = False
+            self.seconds += time.perf_counter() - t0
+
+    def _contract_call(self, call: _Call, g: Tensor) -> None:
+        with torch.no_grad():
+            now: dict[int, list[Use]] = {}
+            for pid, use in call_uses(call.module, call.names, call.inp, g.detach(), compact=call.module is self._head):
+                if self._n_calls[pid] == 1:
+                    now.setdefault(pid, []).append(use)
+                else:  # a parameter of several calls (tied embedding / lm_head): wait for all its uses
+                    self._pending.setdefault(pid, []).append(use)
+            if now:
+                self._add(now)
+        call.inp = None  # its uses hold what is needed; let the input go with the graph
+
+    def _add(self, uses: dict[int, list[Use]]) -> None:
+        entries = pair_entries_from_uses(uses, *self._rows, mode=self.contraction)
+        self._acc = entries if self._acc is None else tuple(a + e for a, e in zip(self._acc, entries))
+
+    def _check_forward(self) -> None:
+        if self._forwards > 1:
+            raise InputError(f"in_run: {self._forwards} forwards with grad ran under one capture; the in-run engine "
+                             "needs chosen and rejected in one forward (rows = sequences) per backward")
+        head = self._head
+        if (head is not None and any(id(p) in self._wanted for p in head.parameters(recurse=False))
+                and not any(c.module is head for c in self._calls)):
+            raise InputError("in_run: the output layer's weight is among the selected parameters but the lm_head module "
+                             "was not called in the forward: the weight is used outside the module (a fused LM head, "
+                             "e.g. TRL's fused_lm_head), whose gradient the in-run engine cannot see; leave the "
+                             "head (and a weight tied to it) out of the trained/selected parameters, e.g. with LoRA")
+        n = {c.n_rows for c in self._calls}
+        if len(n) > 1:
+            raise InputError(f"in_run: module calls with different batch sizes {sorted(n)} under one capture")
+
+    # ------------------------------------------------------------------ after the backward
+    def result(self) -> PairProducts:
+        """The Gram entries of the watched pairs, divided by the captured scales."""
+        if self._rows is None:
+            raise RuntimeError("InRunCapture.result() without watch() in the capture block")
+        if self._grads_seen == 0:
+            raise RuntimeError("InRunCapture.result(): no backward ran inside the capture block")
+        if set(self._c) != {"w", "l"}:
+            raise RuntimeError("InRunCapture.result(): the watched log-prob tensors received no gradient; pass watch() "
+                               "the very tensors the loss is computed from (a new slice or sum of them is another "
+                               "tensor)")
+        used = {id(p) for c in self._calls for _, p in c.names}
+        missing = [n for n, p in self.params.items() if id(p) not in used]
+        if missing:
+            raise InputError(f"in_run: selected parameter(s) {missing[:5]} are used by no module call the in-run engine "
+                             "can see (used outside a module forward?); select other parameters")
+        with torch.no_grad():
+            if self._pending:
+                self._busy, t0 = True, time.perf_counter()
+                try:
+                    self._add(self._pending)
+                finally:
+                    self._busy = False
+                    self.seconds += time.perf_counter() - t0
+                self._pending = {}
+            B = len(self._rows[0])
+            zeros = torch.zeros(B, dtype=torch.float64, device=self._rows[0].device)
+            raw_ip, raw_w, raw_l = self._acc if self._acc is not None else (zeros, zeros, zeros)
+            c_w = self._c.get("w", zeros).to(raw_ip.device)
+            c_l = self._c.get("l", zeros).to(raw_ip.device)
+            nan = torch.full_like(raw_ip, float("nan"))
+            ok_w, ok_l = c_w != 0, c_l != 0
+            sq_w = torch.where(ok_w, raw_w / torch.where(ok_w, c_w * c_w, 1.0), nan)
+            sq_l = torch.where(ok_l, raw_l / torch.where(ok_l, c_l * c_l, 1.0), nan)
+            ok = ok_w & ok_l
+            ip = torch.where(ok, raw_ip / torch.where(ok, c_w * c_l, 1.0), nan)
+            denom = (sq_w * sq_l).sqrt()
+            cos = torch.where(denom > 0, ip / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(ip))
+            cos = torch.where(ok, cos, nan)
+        reasons = [MISSING_REASONS.get((not bool(a), not bool(b))) for a, b in zip(ok_w.tolist(), ok_l.tolist())]
+        return PairProducts(ip.cpu(), sq_w.cpu(), sq_l.cpu(), cos.cpu(), c_w.cpu(), c_l.cpu(), reasons)
+
+
+def predict_with_missing(d_w: Tensor, d_l: Tensor, ip_wl: Tensor, sq_w: Tensor, sq_l: Tensor,
+                         lr: float) -> dict[str, Tensor]:
+    """`dynamics.core.conditions.predict` where some inner products may be NaN (unavailable).
+
+    A missing value is only missing where its coefficient is not zero: with d_l = 0 (the
+    rejected response got no gradient, so ⟨g_w,g_l⟩ and ‖g_l‖² are NaN) the chosen side is still
+    exact, ``dlogp_w = η d_w ‖g_w‖²`` and ``thr_l = (d_l/d_w)‖g_l‖² = 0``; with d_w = 0 the
+    rejected side is ``dlogp_l = −η d_l ‖g_l‖²`` and ``thr_w = 0``. So each output is evaluated
+    with the NaN entries its formula multiplies by a zero coefficient replaced by 0; the others
+    stay NaN. ``case`` is −1 where a predicted change is NaN. All inputs (B,).
+    """
+    zero_if = lambda coef, x: torch.where(coef == 0, torch.zeros_like(x), x)
+    side_w = conditions.predict(d_w, d_l, zero_if(d_l, ip_wl), zero_if(d_w, sq_w), zero_if(d_l, sq_l), lr=lr)
+    side_l = conditions.predict(d_w, d_l, zero_if(d_w, ip_wl), zero_if(d_w, sq_w), zero_if(d_l, sq_l), lr=lr)
+    dw, dl = side_w["dlogp_w"], side_l["dlogp_l"]
+    case = torch.where(dw.isnan() | dl.isnan(), torch.full_like(side_w["case"], -1), conditions.case(dw, dl))
+    return dict(dlogp_w=dw, dlogp_l=dl, dmargin=dw - dl, thr_w=side_w["thr_w"], thr_l=side_w["thr_l"], case=case)
