@@ -348,6 +348,9 @@ def cmd_screen(args) -> int:
     table.to_parquet(args.out, index=False)
     print(json.dumps(screen_summary(table, top=args.top), indent=2))
     print(f"wrote {len(table)} pairs to {args.out}")
+    if args.html:
+        from dynamics.tools.diagnose import screen_report
+        print(f"wrote {screen_report(table, args.html, top=args.top)}")
     return 0
 
 
@@ -561,6 +564,8 @@ def _preflight(args) -> None:
         _check_out_dir(args.out)
     elif cmd in ("logprobs", "screen", "attribute") or (cmd == "grads" and args.level == "sentence"):
         _check_out_file(args.out)
+        if getattr(args, "html", None):
+            _check_out_file(args.html, "--html")
     elif cmd == "grads" or cmd == "predict-check":
         _check_out_dir(args.out)
     elif cmd == "bench" and args.out:
@@ -673,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=pos_int, default=4)
     p.add_argument("--max-length", type=pos_int, default=None)
     p.add_argument("--top", type=pos_int, default=10, help="pairs most at risk listed in the summary")
+    p.add_argument("--html", default=None, help="also an HTML page: distributions, pairs most at risk, cases")
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--out", required=True, help="Parquet file (put it in a run directory as screen.parquet "
                    "and `dynamics diagnose` correlates the scores with the realized changes)")

@@ -10,14 +10,14 @@ from dynamics.core.logprobs import tokenize_pairs
 from dynamics.core.screen import screen_pairs
 from dynamics.inputs.data import load_kind
 from dynamics.inputs.models import load_model
-from dynamics.tools.diagnose import SECTION_IDS
+from dynamics.tools.diagnose import SCREEN_SECTION_IDS, SECTION_IDS
 
 DATA = ["--kind", "sentiment", "--style", "short_suffix", "--limit", "6", "--model", "tiny-llama"]
 
 
 def test_screen_writes_the_library_table(tmp_path, capsys):
-    out = tmp_path / "screen.parquet"
-    assert main(["screen", *DATA, "--out", str(out), "--impl", "autograd", "--top", "2"]) == 0
+    out, page = tmp_path / "screen.parquet", tmp_path / "screen.html"
+    assert main(["screen", *DATA, "--out", str(out), "--impl", "autograd", "--top", "2", "--html", str(page)]) == 0
     table = pd.read_parquet(out)
     summary = json.loads(capsys.readouterr().out.split("\nwrote")[0])
     model, tok = load_model("tiny-llama")
@@ -27,6 +27,12 @@ def test_screen_writes_the_library_table(tmp_path, capsys):
     for col in ("ches", "ches_norm", "cos_wl", "pred_dw"):
         assert (table[col] - ref[col]).abs().max() <= 1e-5 * max(ref[col].abs().max(), 1e-12), col
     assert summary["n_pairs"] == 6 and len(summary["top"]) == 2
+    html = page.read_text()
+    assert all(f'id="{s}"' in html for s in SCREEN_SECTION_IDS) and "data:image/png;base64," in html
+    top = table.sort_values("ches_norm", ascending=False).pair_id.iloc[0]
+    assert html.index(top) < html.index('id="cases"')                               # listed as most at risk
+    median = f"{table.ches_norm.median():.4g}"
+    assert median in html[html.index('id="distribution"'):html.index('id="at-risk"')]   # the quantile table
 
 
 def test_attribute_margin_is_complete(tmp_path):

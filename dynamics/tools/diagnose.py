@@ -69,7 +69,7 @@ from dynamics.errors import InputError
 from dynamics.runs.rundir import RunDir, atomic_write_bytes, read_config
 
 __all__ = [
-    "SECTION_IDS", "CAUSES", "REMEDY_COLUMNS", "Section", "Report", "RunData", "load_run", "build_report", "diagnose",
+    "SECTION_IDS", "SCREEN_SECTION_IDS", "screen_report", "CAUSES", "REMEDY_COLUMNS", "Section", "Report", "RunData", "load_run", "build_report", "diagnose",
     "pair_steps", "pair_changes", "intervals", "falling_ranges", "case_table", "verdict", "drivers",
     "screen_correlations", "token_segments", "whatif_summary", "nll_lambda", "dpop_lambda", "remedies",
 ]
@@ -976,4 +976,57 @@ def diagnose(run_dir: str | Path, out: str | Path | None = None, *, top_k: int =
         atomic_write_bytes(target, lambda p: p.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise InputError(f"cannot write {target}: {e}") from e
+    return target
+
+
+# ============================================================================ screening page
+
+SCREEN_SECTION_IDS = ("distribution", "at-risk", "cases")
+"""The ``id`` of every section of `screen_report`'s page, in page order."""
+
+
+def _plot_screen(table: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    from dynamics.tools.plots import STYLE
+
+    cols = [c for c in ("ches_norm", "cos_wl", "pred_dw") if c in table and table[c].notna().any()]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.4), squeeze=False)
+    for ax, c in zip(axes[0], cols):
+        ax.hist(table[c].dropna(), bins=min(30, max(5, len(table) // 3)), color="#2166ac")
+        ax.set_xlabel(c)
+        ax.set_ylabel("pairs")
+    fig.tight_layout()
+    return fig
+
+
+def screen_report(table: pd.DataFrame, out: str | Path, *, top: int = 10, title: str = "Pair screening") -> Path:
+    """Write the screening table of `dynamics.core.screen.screen_pairs` as one self-contained HTML
+    page (sections `SCREEN_SECTION_IDS`): the distribution of ``ches_norm``, ``cos_wl`` and
+    ``pred_dw`` with their quantiles, the ``top`` pairs most at risk (highest ``ches_norm``: the
+    displacement score of Razin et al.), and the count of pairs per predicted case (`CASES`, from
+    the pairs' own gradients at θ₀, a first-order prediction). Returns the path."""
+    from dynamics.core.screen import screen_summary
+
+    summary = screen_summary(table, top=top)
+    quant = pd.DataFrame(summary["quantiles"]).T                                  # score x (min, q10, ..., max, mean)
+    figs, n = _figures([(lambda: _plot_screen(table), "distributions of the screening scores")], True)
+    cases = pd.DataFrame(summary["cases"])
+    sections = [
+        Section("distribution", f"1. Distribution over {len(table)} pairs",
+                _p("Quantiles of each score (higher ches_norm: likelier displacement of the chosen response; "
+                   "cos_wl: cosine of the two responses' gradients at θ₀; pred_dw: predicted one-step change of "
+                   "the chosen log-prob from the pair's own gradient).") + _table(quant, index=True)
+                + f'<div class="figs">{figs}</div>', figures=n),
+        Section("at-risk", f"2. The {min(top, len(table))} pairs most at risk (highest ches_norm)",
+                _table(pd.DataFrame(summary["top"]))),
+        Section("cases", "3. Predicted case per pair (first order, the pair's own gradient)",
+                _table(cases.rename(columns={"count": "pairs"}))),
+    ]
+    text = Report(title, sections).to_html()
+    target = Path(out)
+    if not target.parent.is_dir():
+        raise InputError(f"cannot write {target}: {target.parent} is not a directory")
+    atomic_write_bytes(target, lambda p: p.write_text(text, encoding="utf-8"))
     return target
