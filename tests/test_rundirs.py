@@ -339,9 +339,12 @@ def test_interrupt_without_checkpoint_says_it_cannot_resume(tmp_path, monkeypatc
 # The child blocks right after the "train" row of step STOP_AT is on disk (flag file), so the
 # SIGINT lands mid-run, deterministically.
 _BLOCKING_CHILD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from dynamics.runs.rundir import RunDir
+# Ctrl-C as in a terminal, even when this test runs under a shell that started it in the background
+# (an asynchronous list without job control inherits SIGINT ignored, and Python then keeps it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from analyses.cli import main
 flag, stop_at = Path(sys.argv[1]), int(sys.argv[2])
 append = RunDir.append
