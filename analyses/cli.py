@@ -354,26 +354,11 @@ def cmd_screen(args) -> int:
     return 0
 
 
-def _shared_prompt(w, l):
-    """The pair with one prompt: with ``--max-length`` the prompt is cut from the left separately for
-    each response, so the longer response keeps fewer prompt tokens; both then get the shorter cut
-    (a suffix of the other), as the margin compares two responses to the same prompt."""
-    from dataclasses import replace
-
-    if w.prompt_ids == l.prompt_ids:
-        return w, l
-    short, long_ = sorted((w.prompt_ids, l.prompt_ids), key=len)
-    if long_[len(long_) - len(short):] != short:
-        return w, l                                   # not one prompt cut twice: the library refuses it
-    extra = lambda s: len(s.prompt_ids) - len(short)
-    return (replace(w, prompt_ids=short, n_prompt_truncated=w.n_prompt_truncated + extra(w)),
-            replace(l, prompt_ids=short, n_prompt_truncated=l.n_prompt_truncated + extra(l)))
-
-
 def cmd_attribute(args) -> int:
     import pandas as pd
 
     from dynamics.core.attribution import attribution_frame, token_attributions
+    from dynamics.core.logprobs import shared_prompt
 
     model, tok, tp = _tokenized_for(args)
     wanted = args.pairs or tp.pair_ids[: args.first]
@@ -383,7 +368,7 @@ def cmd_attribute(args) -> int:
     frames = []
     for pid in wanted:
         k = tp.pair_ids.index(pid)
-        w, l = _shared_prompt(tp.chosen[k], tp.rejected[k])
+        w, l = shared_prompt(tp.chosen[k], tp.rejected[k])
         for target in args.targets:  # "rejected" and "margin" take the rejected response as seq_other
             attr = token_attributions(model, w, tp.pad_id, target=target, seq_other=None if target == "chosen" else l,
                                       tokenizer=tok,
