@@ -28,8 +28,11 @@ SENTIMENT_COMMON = dict(lr=5e-6, sft_lr=2e-5, optimizer="adamw", token_pairs=1, 
 # an hour here: 12 steps of 2 pairs, 3 evaluation pairs, prompts cut to their last 128 tokens
 # (summaries are never cut). This is a small-scale reproduction; the paper trains a full epoch.
 # Full fine-tuning, AdamW, lr 1e-5 (the paper's 5e-6 is for an epoch with LoRA on 7B models).
+# quick (a smoke test of the whole pipeline, not a figure source): the first quick setting (6 steps,
+# prompts cut to 128 tokens) was estimated at ≈ 33 min from the per-loss costs above, over the
+# 30-minute bound, and was cut before being timed to 4 steps with prompts cut to 96 tokens.
 TLDR = {
-    "quick": dict(steps=6, batch_size=2, eval_every=3, n_probe=2, n_train=12, max_length=128),
+    "quick": dict(steps=4, batch_size=2, eval_every=2, n_probe=2, n_train=8, max_length=96),
     "default": dict(steps=12, batch_size=2, eval_every=4, n_probe=3, n_train=24, max_length=128),
     # The paper's set-up, for a GPU: LoRA r 64 (α 128), lr 5e-6, no SFT, one epoch of the
     # 92k training comparisons at batch 8 with Mistral-7B/Llama-3-8B. Estimated (not measured here):
@@ -37,7 +40,10 @@ TLDR = {
     "full": dict(steps=11500, batch_size=8, eval_every=500, n_probe=16, n_train=92000, max_length=1024,
                  lora_r=64, lr=5e-6),
 }
-TLDR_COMMON = dict(lr=1e-5, optimizer="adamw", sft_steps=0, whatif=True, token_pairs=0, probes=False)
+# in_run: every step's training pairs (Fig. 7's cosine) from the training backward; it leaves the
+# training itself unchanged bit for bit (tests/test_inrun.py), so the runs before it was added
+# gave the same log-probs.
+TLDR_COMMON = dict(lr=1e-5, optimizer="adamw", sft_steps=0, whatif=True, token_pairs=0, probes=False, in_run=True)
 # Only the DPO run records the expensive extras: token Grams of the first evaluation pair (the
 # heatmap) and seed 000's learning-dynamics probes (claim 6).
 TLDR_DPO_EXTRA = dict(token_pairs=1, probes=True)

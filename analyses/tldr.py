@@ -4,7 +4,9 @@
 trains each of the nine losses of the paper's Figure 2 from the same model on the same training
 pairs through `dynamics.runs.train.train`, with the same evaluation pairs as probes, into
 ``out/<loss>/``; ``out/config.json`` is the index (settings, split, one entry per loss) and
-``out/records.parquet`` holds every run's probe records (the ``loss`` column tells them apart).
+``out/records.parquet`` holds every run's probe records (the ``loss`` column tells them apart),
+``out/train_records.parquet`` every run's in-run rows (the training pairs of every step, measured on
+the training backward itself: `dynamics.core.inrun`).
 `claims` reads those files back and states whether each of the issue's six claims held;
 `write_figures` draws Fig. 1, the 3×3 grid (Fig. 2), the cosine per loss (Fig. 7), a what-if
 summary and a Fig. 4b-style token-cosine heatmap of one TL;DR pair.
@@ -190,14 +192,17 @@ def run_tldr(out: str | Path, *, setting: str = "default", model: str = "smollm2
 
 
 def combine_records(out: str | Path, losses: tuple[str, ...] = LOSSES) -> Path:
-    """``out/records.parquet``: the probe records of every loss's run (column ``loss``)."""
+    """``out/records.parquet``: the probe records of every loss's run (column ``loss``), and
+    ``out/train_records.parquet``: their in-run rows, where the runs have them."""
     out = Path(out)
-    frames = [read_table(out / name, "records").assign(loss=name) for name in losses if (out / name / "records.parquet").is_file()]
-    if not frames:
-        raise InputError(f"{out} holds no loss run with records")
-    path = out / "records.parquet"
-    pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
-    return path
+    for table in ("train_records", "records"):
+        frames = [read_table(out / name, table).assign(loss=name) for name in losses
+                  if (out / name / f"{table}.parquet").is_file()]
+        if frames:
+            pd.concat(frames, ignore_index=True).to_parquet(out / f"{table}.parquet", index=False)
+        elif table == "records":
+            raise InputError(f"{out} holds no loss run with records")
+    return out / "records.parquet"
 
 
 # --------------------------------------------------------------------------- claims
@@ -210,9 +215,12 @@ def _change(rec: pd.DataFrame, col: str) -> dict:
                 change=float(per_step.iloc[-1] - per_step.iloc[0]), last_step=int(per_step.index[-1]))
 
 
-def per_loss_table(rec: pd.DataFrame) -> pd.DataFrame:
+def per_loss_table(rec: pd.DataFrame, train_rec: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per loss: first/last mean chosen and rejected log-probs (summed and normalized) and
-    the mean gradient cosine over the recorded steps."""
+    the mean gradient cosine of the evaluation pairs over the recorded steps (``cos_mean``); with
+    ``train_rec`` (in-run rows) also that of the training pairs over every step (``cos_train_mean``,
+    NaN where the backward carried no gradient to a response)."""
+    train_cos = {} if train_rec is None else train_rec.groupby("loss")["cos_wl"].mean().to_dict()
     rows = []
     for name, g in rec.groupby("loss", sort=False):
         row = dict(loss=name, label=LABELS.get(name, name))
@@ -220,6 +228,7 @@ def per_loss_table(rec: pd.DataFrame) -> pd.DataFrame:
             c = _change(g, col)
             row.update({f"{col}_first": c["first"], f"{col}_last": c["last"], f"{col}_change": c["change"]})
         row["cos_mean"] = float(g["cos_wl"].mean())
+        row["cos_train_mean"] = float(train_cos.get(name, float("nan")))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -240,7 +249,8 @@ def claims(out: str | Path, *, sentiment_records: str | Path | None = None) -> d
     ``held`` is None where the run lacks what a claim needs (a loss not run, no probes)."""
     out = Path(out)
     rec = read_table(out, "records")
-    table = per_loss_table(rec).set_index("loss")
+    train_rec = read_table(out, "train_records") if (out / "train_records.parquet").is_file() else None
+    table = per_loss_table(rec, train_rec).set_index("loss")
     have = set(table.index)
     ch = lambda n, c: float(table.loc[n, f"{c}_change"])
     res = {}
@@ -265,14 +275,22 @@ def claims(out: str | Path, *, sentiment_records: str | Path | None = None) -> d
         held=judge(("sppo",), lambda n: ch(n, "logp_w") > 0 and ch(n, "logp_l") < 0),
         numbers=dict(chosen=ch("sppo", "logp_w"), rejected=ch("sppo", "logp_l")) if "sppo" in have else {})
 
-    cos = {n: float(table.loc[n, "cos_mean"]) for n in table.index}
+    # Fig. 7 of the paper plots the cosine of the pairs being trained on: judged on the in-run rows
+    # (every step, every training pair) where the runs have them, else on the evaluation pairs.
+    cos_eval = {n: float(table.loc[n, "cos_mean"]) for n in table.index}
+    cos_train = {n: float(table.loc[n, "cos_train_mean"]) for n in table.index}
+    in_run = train_rec is not None and all(v == v for v in cos_train.values())
+    cos = cos_train if in_run else cos_eval
     sent = sentiment_single_token_cos(sentiment_records)
     large = all(v > COS_LARGE for v in cos.values())
     res["cosine_positive_large"] = dict(
         claim=f"cos(∇log π_w, ∇log π_l) is positive and large (mean > {COS_LARGE}) for every loss, and larger "
               "than on the sentiment single-token style",
         held=bool(large and sent is not None and min(cos.values()) > sent) if sent is not None else None,
-        numbers=dict(mean_cos=cos, sentiment_single_token_mean_cos=sent, all_above_threshold=large))
+        numbers=dict(judged_on="training pairs, every step (in-run)" if in_run else "evaluation pairs, recorded steps",
+                     mean_cos=cos, mean_cos_evaluation_pairs=cos_eval,
+                     mean_cos_training_pairs=cos_train if train_rec is not None else None,
+                     sentiment_single_token_mean_cos=sent, all_above_threshold=large))
 
     probes_file = out / "dpo" / "probes.parquet"
     if probes_file.is_file():
@@ -305,12 +323,15 @@ def claims_markdown(cl: dict) -> str:
         if key == "per_loss":
             continue
         lines += [f"- {c['claim']}: {word[c['held']]}", f"  - numbers: `{json.dumps(to_jsonable(c['numbers']))}`"]
-    lines += ["", "Per loss (mean over the evaluation pairs; first → last recorded step; cos: mean over recorded steps):", "",
-              "| loss | chosen | rejected | chosen/\\|y\\| | rejected/\\|y\\| | mean cos |", "|---|---|---|---|---|---|"]
+    lines += ["", "Per loss (log-probs: mean over the evaluation pairs, first → last recorded step; cos: mean over "
+              "the evaluation pairs' recorded steps, and over every step's training pairs (in-run)):", "",
+              "| loss | chosen | rejected | chosen/\\|y\\| | rejected/\\|y\\| | mean cos (eval) | mean cos (train) |",
+              "|---|---|---|---|---|---|---|"]
     for r in cl["per_loss"]:
         f = lambda c: f"{r[c + '_first']:.2f} → {r[c + '_last']:.2f}"
+        tc = r.get("cos_train_mean", float("nan"))
         lines.append(f"| {r['label']} | {f('logp_w')} | {f('logp_l')} | {f('logp_w_norm')} | {f('logp_l_norm')} | "
-                     f"{r['cos_mean']:.3f} |")
+                     f"{r['cos_mean']:.3f} | {'–' if tc != tc else f'{tc:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -355,7 +376,13 @@ def make_figure(out: str | Path, name: str):
         return _grid(rec, FIG1, draw=_logprob_panel, ncols=2)
     if name == "fig2":
         return _grid(rec, LOSSES, draw=_logprob_panel)
-    return _grid(rec, LOSSES, draw=lambda g, ax, n: plot_cosine(g, ax, title=LABELS.get(n, n)))
+    # Fig. 7: the training pairs' cosine at every step (in-run rows) and the evaluation pairs' at
+    # the recorded steps, one line each (mean ± s.e.m.)
+    cos = rec.assign(pairs="evaluation")
+    if (out / "train_records.parquet").is_file():
+        cos = pd.concat([read_table(out, "train_records").assign(pairs="training (every step)"), cos],
+                        ignore_index=True)
+    return _grid(cos, LOSSES, draw=lambda g, ax, n: plot_cosine(g, ax, by="pairs", title=LABELS.get(n, n)))
 
 
 def write_figures(out: str | Path, fig_dir: str | Path) -> list[Path]:

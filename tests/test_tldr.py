@@ -63,6 +63,15 @@ def test_nine_runs_index_and_figures(tldr_out, tmp_path):
         run_cfg = json.loads((out / name / "config.json").read_text())
         assert run_cfg["loss"] == name and run_cfg["eval_data"].endswith("eval.jsonl")
     assert (out / "dpo" / "probes.parquet").is_file() and list((out / "dpo" / "token_grams").glob("*.npz"))
+    # in-run rows of every loss: every step's training pairs (Fig. 7)
+    tr = pd.read_parquet(out / "train_records.parquet")
+    assert list(dict.fromkeys(tr["loss"])) == list(tldr.LOSSES)
+    assert set(tr["step"]) == {0, 1} and (tr.groupby(["loss", "step"]).size() == TINY["batch_size"]).all()
+    assert not set(tr["pair_id"]) & set(cfg["split"]["eval_pairs"])
+    dpo = tr[tr["loss"] == "dpo"]
+    assert dpo["cos_wl"].notna().all() and dpo["cos_wl"].between(-1, 1).all()
+    fig7 = tldr.make_figure(out, "fig7")
+    assert {t.get_text() for t in fig7.axes[0].get_legend().get_texts()} == {"training (every step)", "evaluation"}
     paths = tldr.write_figures(out, tmp_path / "fig")
     for name in tldr.FIGURES:
         assert (tmp_path / "fig" / f"{name}.png").is_file()
@@ -138,6 +147,22 @@ def test_cosine_claim(tmp_path, cos_dpo, sent_cos, held):
     sent = tmp_path / "sent.parquet"
     pd.DataFrame(dict(style=["single_token"], cos_wl=[sent_cos])).to_parquet(sent)
     assert tldr.claims(out, sentiment_records=sent)["cosine_positive_large"]["held"] is held
+
+
+@pytest.mark.parametrize("train_cos, held", [(0.8, True), (0.3, False)])
+def test_cosine_claim_judged_on_training_pairs(tmp_path, train_cos, held):
+    # with in-run rows, Fig. 7's claim is about the pairs being trained on, not the evaluation pairs
+    out = tmp_path / "exp"
+    out.mkdir()
+    _records(PAPER, {n: 0.1 for n in PAPER}).to_parquet(out / "records.parquet")
+    pd.DataFrame([dict(loss=n, step=s, pair_id="t", cos_wl=train_cos) for n in PAPER for s in range(3)]).to_parquet(
+        out / "train_records.parquet")
+    sent = tmp_path / "sent.parquet"
+    pd.DataFrame(dict(style=["single_token"], cos_wl=[-0.4])).to_parquet(sent)
+    c = tldr.claims(out, sentiment_records=sent)["cosine_positive_large"]
+    assert c["held"] is held and c["numbers"]["judged_on"].startswith("training pairs")
+    assert c["numbers"]["mean_cos_evaluation_pairs"]["dpo"] == pytest.approx(0.1)
+    assert tldr.claims_markdown(tldr.claims(out, sentiment_records=sent)).count(f"{train_cos:.3f} |") == len(PAPER)
 
 
 @pytest.mark.parametrize("teacher, other, held", [(1.0, -1.0, True), (-1.0, -1.0, False), (1.0, 0.5, False)])
