@@ -211,11 +211,20 @@ def _plot_run(run_dir) -> list[Path]:
     return plot_run(run_dir)
 
 
+def _is_main_process() -> bool:
+    """False on the ranks other than 0 of a multi-process (torchrun) run: only rank 0 plots and reports."""
+    from dynamics.runs.distributed import world
+
+    return world().is_main
+
+
 def cmd_train(args) -> int:
     from dynamics.runs.train import train
 
     cfg = _config_from_args(args)
     run = train(cfg)
+    if not _is_main_process():
+        return 0
     for p in _plot_run(run.path):
         print(f"wrote {p}")
     return 0
@@ -227,6 +236,8 @@ def cmd_demo(args) -> int:
     t0 = time.time()
     cfg = _config_from_args(args)
     run = train(cfg)
+    if not _is_main_process():
+        return 0
     paths = _plot_run(run.path)
     print(f"\nrun directory: {run.path}  ({time.time() - t0:.0f} s)")
     print(run_summary(run))

@@ -13,6 +13,16 @@ recorder computes them (`compute_loss` for d_w, d_l; `predict` for pred_*, thr_*
 - the real update's ⟨g_w,Δθ⟩ (upd_dw) equals act_dw except at B@6, B@7 (+0.02): so of the 8
   falls, 3 are the pair's own gradient (A@4..6), 3 the rest of the update (A@7, B@4, B@5: pred_dw > 0,
   upd_dw < 0) and 2 curvature (B@6, B@7).
+
+With ``in_run`` (`write_train_records`, `TRAIN`): four training pairs ``t{s}_{i}`` per step (micro-batch
+i // 2), margin 0 so d_w = d_l = 0.05 (DPO, β = 0.1); at steps 4..7 pairs i = 0, 1 have ⟨g_w,g_l⟩ =
+1.2, 1.3, …, 1.9 (in step order) > thr_w = ‖g_w‖² = 1 (case 2: both fall, 8 pair-steps), elsewhere
+0.5 (case 1); at step 9, t9_2 has no gradient to the rejected response (d_l = 0) and t9_3 is all NaN.
+
+With ``cross`` (`contribution_rows`, `CROSS`): the same training pairs split each probe's upd (SGD,
+lr 1, B = 4: contribution = 0.0125 (k_w − k_l)); at the fall steps 4..7 t{s}_0 pushes A's chosen
+down by −0.8 of −1.0 (residual −0.05), t{s}_1 pushes B's by −0.08 of −0.1 at steps 4, 5; elsewhere
+each training pair and the residual get 0.2·upd. The probes are held out (no probe is a training pair).
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import numpy as np
 import torch
 
 from dynamics.core.conditions import case, predict, what_if
+from dynamics.core.inrun import MISSING_REASONS, NONCONSTANT_REASON, predict_with_missing
 from dynamics.core.losses import compute_loss
 from dynamics.runs.rundir import RunDir, save_token_gram
 
@@ -59,6 +70,92 @@ SCENARIO = dict(
 )
 
 
+TRAIN = dict(
+    per_step=4, entangled_ip={(s, i): 1.2 + 0.1 * (2 * (s - 4) + i) for s in FALL for i in (0, 1)},
+    no_rejected=(9, 2), all_nan=(9, 3),
+    expected=dict(n_rows=40, n_pred=39, n_own_fall=8, n_case=38, n_case2=8, n_cos=38, n_missing=2,
+                  top=["t7_1", "t7_0", "t6_1", "t6_0", "t5_1"], regime="some"),
+)
+
+CROSS = dict(
+    special={("A", s): {0: -0.8, 1: -0.15, 2: 0.05, 3: -0.05} for s in FALL}
+    | {("B", s): {0: 0.01, 1: -0.08, 2: -0.01, 3: -0.01} for s in (4, 5)}
+    | {("B", s): {0: -0.01, 1: 0.02, 2: 0.01, 3: 0.0} for s in (6, 7)},
+    c=0.05 / 4,
+    # over the 8 falls (Σ act_dw = −4.4): other training pairs −3.94, residual −0.22, beyond first order −0.24
+    expected=dict(act_sum=-4.4, others=-3.94, residual=-0.22, higher_order=-0.24, own=0.0,
+                  pushes=["t6_0", "t7_0", "t4_0", "t5_0", "t4_1"]),
+)
+
+
+def train_pair_ids(step):
+    return [f"t{step}_{i}" for i in range(TRAIN["per_step"])]
+
+
+def probe_contributions(pair, step, upd):
+    """{training pair index: contribution} to ``pair``'s chosen response at ``step`` (upd = its upd_dw)."""
+    return CROSS["special"].get((pair, step), {i: 0.2 * upd for i in range(TRAIN["per_step"])})
+
+
+def write_train_records(run: RunDir, loss="dpo", loss_params=None, lr=1.0) -> None:
+    """`TRAIN`'s train_records.parquet: the rows `InRunRecorder` writes (`predict_with_missing`)."""
+    t = lambda x: torch.tensor(x, dtype=torch.float64)                          # noqa: E731
+    loss_params = dict(loss_params or {"beta": 0.1})
+    rows, B = [], TRAIN["per_step"]
+    for step in range(STEPS):
+        ids = train_pair_ids(step)
+        lw = [-30.0 - i for i in range(B)]
+        ll = [-32.0 - i for i in range(B)]
+        st = state_rows(step, ids, lw, ll, lw, ll, [6] * B, [7] * B, loss, loss_params, lr)
+        d_w, d_l = [r["d_w"] for r in st], [r["d_l"] for r in st]
+        ip = [TRAIN["entangled_ip"].get((step, i), 0.5) for i in range(B)]
+        sq_w, sq_l = [1.0] * B, [4.0] * B
+        reasons = [None] * B
+        if step == TRAIN["no_rejected"][0]:
+            i = TRAIN["no_rejected"][1]
+            d_l[i], ip[i], sq_l[i], reasons[i] = 0.0, float("nan"), float("nan"), MISSING_REASONS[(False, True)]
+        if step == TRAIN["all_nan"][0]:
+            i = TRAIN["all_nan"][1]
+            ip[i] = sq_w[i] = sq_l[i] = float("nan")
+            reasons[i] = NONCONSTANT_REASON
+        pred = predict_with_missing(t(d_w), t(d_l), t(ip), t(sq_w), t(sq_l), lr=lr)
+        for i, r in enumerate(st):
+            nan_all = reasons[i] == NONCONSTANT_REASON
+            r.update(micro=i // 2, d_l=d_l[i], c_w=-d_w[i] / B, c_l=d_l[i] / B, ip_wl=ip[i], sq_w=sq_w[i],
+                     sq_l=sq_l[i], cos_wl=ip[i] / np.sqrt(sq_w[i] * sq_l[i]),
+                     pred_dw=float("nan") if nan_all else float(pred["dlogp_w"][i]),
+                     pred_dl=float("nan") if nan_all else float(pred["dlogp_l"][i]),
+                     thr_w=float("nan") if nan_all else float(pred["thr_w"][i]),
+                     thr_l=float("nan") if nan_all else float(pred["thr_l"][i]),
+                     case_pred=-1 if nan_all else int(pred["case"][i]), missing_reason=reasons[i])
+        rows += st
+    run.append("train_records", rows)
+
+
+def contribution_rows(records):
+    """`CROSS`'s contributions.parquet rows for the gradient rows of ``records`` (a list of dicts,
+    completed in place with contrib_sum_* and contrib_resid_*)."""
+    out, c = [], CROSS["c"]
+    for r in records:
+        if "upd_dw" not in r:
+            continue
+        for response, upd in (("chosen", r["upd_dw"]), ("rejected", r["upd_dl"])):
+            parts = (probe_contributions(r["pair_id"], r["step"], upd) if response == "chosen"
+                     else {i: 0.2 * upd for i in range(TRAIN["per_step"])})
+            for i, tid in enumerate(train_pair_ids(r["step"])):
+                out.append(dict(step=r["step"], pair_id=r["pair_id"], response=response, train_pair=tid,
+                                k_w=1.0 + parts[i] / c, k_l=1.0, c_w=-c, c_l=c, contribution=parts[i]))
+            total = sum(parts.values())
+            side = "w" if response == "chosen" else "l"
+            r[f"contrib_sum_{side}"], r[f"contrib_resid_{side}"] = total, upd - total
+    return out
+
+
+ATTRIBUTIONS = dict(chosen=(0.001, 0.5, (("The", 0.1), ("good", -0.7), ("movie", 0.3))),
+                    margin=(0.2, -0.5, (("The", 0.05), ("good", 0.9), ("movie", -0.2), ("bad", -0.4))))
+"""(delta, gap, tokens) per target of pair A: chosen converged (|δ|/|gap| = 0.002), margin not (0.4)."""
+
+
 def state_rows(step, pairs, logp_w, logp_l, ref_w, ref_l, len_w, len_l, loss, loss_params, lr):
     """The recorder's state columns (and d_w, d_l of ``loss``) for the given per-pair values."""
     t = lambda x: torch.tensor(x, dtype=torch.float64)                          # noqa: E731
@@ -84,7 +181,7 @@ def gradient_columns(rows, ip, sq_w, sq_l):
 
 
 def write_scenario(path, *, loss="dpo", loss_params=None, lr=1.0, whatif=True, tokens=True, screen=True,
-                   attributions=True, config=None, writer="dynamics train") -> Path:
+                   attributions=True, in_run=True, cross=True, config=None, writer="dynamics train") -> Path:
     """Write the `SCENARIO` run to ``path`` (see the module docstring); returns ``path``.
 
     ``config``: a dict written verbatim as config.json (e.g. a version-1 file) instead of the
@@ -125,7 +222,11 @@ def write_scenario(path, *, loss="dpo", loss_params=None, lr=1.0, whatif=True, t
         lw = [a + d for a, d in zip(lw, act_dw)]
         ll = [a + d for a, d in zip(ll, act_dl)]
     records += state_rows(STEPS, PAIRS, lw, ll, ref_w, ref_l, nw, nl, loss, loss_params, lr)
+    if cross:
+        run.append("contributions", contribution_rows(records))
     run.append("records", records)
+    if in_run:
+        write_train_records(run, loss, loss_params, lr)
     if whatif:
         run.append("whatif", wi)
     if tokens:
@@ -137,10 +238,10 @@ def write_scenario(path, *, loss="dpo", loss_params=None, lr=1.0, whatif=True, t
                                    pred_dw=0.025 * c, pred_dl=-0.175, case_pred=1)
                               for p, c, e in zip(PAIRS, (3.0, 2.0, 1.0), (1, 5, 9))])
     if attributions:
-        run.append("attributions", [dict(pair_id="A", target="chosen", position=i, token=tok, segment=seg,
-                                         attribution=a)
-                                    for i, (tok, seg, a) in enumerate((("The", "before", 0.1), ("good", "at", -0.7),
-                                                                       ("movie", "after", 0.3)))])
+        run.append("attributions", [dict(pair_id="A", target=target, position=i, token=tok, segment="response",
+                                         attribution=a, delta=delta, gap=gap)
+                                    for target, (delta, gap, toks) in ATTRIBUTIONS.items()
+                                    for i, (tok, a) in enumerate(toks)])
     return path
 
 

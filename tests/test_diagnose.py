@@ -4,6 +4,7 @@ exact oracle (the modified loss through `compute_loss`, then `predict`); the HTM
 embedded figures, nothing external) and, when a Chromium binary is on PATH, the page as a real
 browser renders it; and the input errors."""
 import ast
+import html
 import math
 import re
 from html.parser import HTMLParser
@@ -20,6 +21,7 @@ from dynamics.core.losses import compute_loss, resolve_hyper
 from dynamics.errors import InputError
 from dynamics.runs.rundir import RunDir
 from dynamics.tools import diagnose as D
+from dynamics.tools import report_html as H
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 E = F.SCENARIO["expected"]
@@ -159,6 +161,218 @@ def test_whatif_of_the_runs_loss_agrees_with_the_records(records, scenario):
     s = D.whatif_summary(RunDir(scenario).table("whatif")).set_index("loss")
     assert s.loc["dpo", "frac_rise"] == pytest.approx((D.pair_steps(records)["pred_dw"] > 0).mean()) == 27 / 30
     assert s.loc["sft", "frac_rise"] == 1.0
+
+
+# ------------------------------------------------------------------ training pairs (in-run), known by construction
+
+T, X = F.TRAIN["expected"], F.CROSS["expected"]
+
+
+@pytest.fixture(scope="module")
+def train_records(scenario):
+    return RunDir(scenario).table("train_records")
+
+
+@pytest.fixture(scope="module")
+def contributions(scenario):
+    return RunDir(scenario).table("contributions")
+
+
+def test_training_pairs_summary(train_records):
+    s = D.train_summary(train_records)
+    for key in ("n_rows", "n_pred", "n_own_fall", "n_case", "n_case2", "n_cos", "n_missing", "regime"):
+        assert s[key] == T[key], key
+    assert s["n_entangled"] == 8 and s["n_steps"] == 10
+    assert s["mean_cos_wl"] == pytest.approx((30 * 0.25 + sum(F.TRAIN["entangled_ip"].values()) / 2) / 38)
+    assert s["mean_cos_thr_w"] == pytest.approx(0.5)                       # DPO: thr_w = ‖g_w‖² = 1, ‖g_w‖‖g_l‖ = 2
+    assert s["reasons"] == {"no gradient to rejected (d_l=0)": 1, F.NONCONSTANT_REASON: 1}
+    assert not s["has_upd"] and s["upd_sentence"] is None
+    assert s["sentence"].startswith("Some training pairs are in the gradient-entanglement case, most are not")
+    assert "8/39 (21%)" in s["sentence"] and "8/38 (21%)" in s["sentence"]
+
+
+def test_training_pairs_per_step(train_records):
+    st = D.train_step_table(train_records).set_index("step")
+    assert st.index.tolist() == list(range(10)) and (st["n_pairs"] == 4).all()
+    fall = list(F.FALL)
+    assert np.allclose(st.loc[fall, "frac_case2"], 0.5) and np.allclose(st.drop(fall)["frac_case2"], 0.0)
+    assert np.allclose(st.loc[fall, "frac_own_fall"], 0.5) and np.allclose(st.loc[fall, "frac_above_thr"], 0.5)
+    assert st.loc[4, "mean_cos_wl"] == pytest.approx((0.6 + 0.65 + 0.25 + 0.25) / 4)
+    assert np.allclose(st["mean_cos_thr_w"], 0.5)
+    assert (st.loc[9, "n_missing"], st.loc[9, "n_case"], st.loc[9, "frac_case1"]) == (2, 2, 1.0)
+    assert "frac_upd_fall" not in st
+    cd = D.train_cos_distribution(train_records)
+    excess = cd.iloc[2]
+    assert excess["n"] == 38 and excess["frac_positive"] == pytest.approx(8 / 38)
+    assert excess["max"] == pytest.approx(0.95 - 0.5) and cd.loc["cos_thr_w", "median"] == pytest.approx(0.5)
+
+
+def test_training_pairs_whose_own_step_lowers_the_chosen(train_records):
+    top = D.train_top_falls(train_records, k=5)
+    assert top["pair_id"].tolist() == T["top"]                             # ⟨g_w,g_l⟩ 1.9, 1.8, ...: largest fall first
+    assert np.allclose(top["pred_dw"], [0.05 * (1 - ip) for ip in (1.9, 1.8, 1.7, 1.6, 1.5)])
+    assert (top["case_pred"] == 2).all() and (top["cos_wl"] > top["cos_thr_w"]).all()
+    assert len(D.train_top_falls(train_records, k=50)) == 8
+    miss = D.missing_entries(train_records).set_index("missing_reason")
+    assert miss.loc["no gradient to rejected (d_l=0)", "examples"] == "t9_2@9"
+    assert miss.loc[F.NONCONSTANT_REASON, "n"] == 1
+
+
+@pytest.mark.parametrize("ip, regime, phrase", [(1.5, "most", "training pairs themselves are in the gradient-entanglement case"),
+                                                (0.5, "none", "NOT in the gradient-entanglement case")])
+def test_training_pairs_regimes(train_records, ip, regime, phrase):
+    """All training pairs entangled, or none: the verdict says which; the real update's effect when recorded."""
+    tr = train_records[train_records["missing_reason"].isna()].copy()
+    p = predict(torch.tensor(tr["d_w"].to_numpy()), torch.tensor(tr["d_l"].to_numpy()),
+                torch.full((len(tr),), ip, dtype=torch.float64), torch.ones(len(tr), dtype=torch.float64),
+                torch.full((len(tr),), 4.0, dtype=torch.float64), lr=1.0)
+    tr = tr.assign(ip_wl=ip, cos_wl=ip / 2, pred_dw=p["dlogp_w"].numpy(), pred_dl=p["dlogp_l"].numpy(),
+                   case_pred=p["case"].numpy(), upd_dw=[-0.1, 0.2] * (len(tr) // 2))
+    s = D.train_summary(tr)
+    assert s["regime"] == regime and phrase in s["sentence"] and s["n_missing"] == 0
+    assert s["upd_sentence"] and f"{len(tr) // 2}/{len(tr)} (50%)" in s["upd_sentence"]
+    assert np.allclose(D.train_step_table(tr)["frac_upd_fall"], 0.5)
+
+
+def test_verdict_says_whether_the_training_pairs_are_entangled(records, train_records):
+    v = D.verdict(records, train_records=train_records)
+    line = [c for c in v["conclusions"] if c.startswith("Training pairs (train_records.parquet")]
+    assert len(line) == 1 and "some training pairs are in the gradient-entanglement case" in line[0]
+    assert v["train"]["n_own_fall"] == 8
+    assert D.verdict(records)["train"] is None
+
+
+# ------------------------------------------------------------------ which training pairs moved the probes
+
+def test_probe_falls_split(records, contributions):
+    f = D.probe_falls(contributions, records)
+    assert list(zip(f["pair_id"], f["step"])) == [("A", s) for s in F.FALL] + [("B", s) for s in F.FALL]
+    assert f["top_train_pair"].tolist() == [f"t{s}_0" for s in F.FALL] + ["t4_1", "t5_1", "t6_0", "t7_0"]
+    a, b = f[f["pair_id"] == "A"], f[f["pair_id"] == "B"]
+    assert np.allclose(a["sum_contrib"], -0.95) and np.allclose(a["residual"], -0.05)
+    assert np.allclose(a["top_share"], 0.8) and np.allclose(a["higher_order"], 0.0)
+    assert np.allclose(b["residual"], [-0.01, -0.01, 0.0, 0.0]) and np.allclose(b["higher_order"], [0, 0, -0.12, -0.12])
+    assert (f["own"] == 0).all() and np.allclose(f["others"], f["sum_contrib"])
+    assert np.allclose(f["sum_contrib"] + f["residual"], f["upd_dw"]) and (f["n_train"] == 4).all()
+    # without the recorded residual column, upd − Σ gives the same
+    g = D.probe_falls(contributions, records.drop(columns=["contrib_resid_w", "contrib_resid_l"]))
+    assert np.allclose(g["residual"], f["residual"])
+
+
+def test_fall_contributors_rank_the_training_pairs(records, contributions, train_records):
+    fc = D.fall_contributors(contributions, records, k=3, train_records=train_records)
+    a4 = fc[(fc["pair_id"] == "A") & (fc["step"] == 4)]
+    assert a4["train_pair"].tolist() == ["t4_0", "t4_1", "t4_3"]           # most negative first: −0.8, −0.15, −0.05
+    assert np.allclose(a4["contribution"], [-0.8, -0.15, -0.05]) and np.allclose(a4["share"], [0.8, 0.15, 0.05])
+    # SGD, lr 1: contribution = −(c_w k_w + c_l k_l)
+    assert np.allclose(fc["contribution"], -(fc["c_w"] * fc["k_w"] + fc["c_l"] * fc["k_l"]))
+    assert a4["train_case"].tolist() == [2, 2, 1] and not fc["own"].any()   # the in-run rows of those pairs
+    b4 = fc[(fc["pair_id"] == "B") & (fc["step"] == 4)]
+    assert b4["train_pair"].iloc[0] == "t4_1" and b4["share"].iloc[0] == pytest.approx(0.8)
+    assert len(fc) == 8 * 3 and "train_case" not in D.fall_contributors(contributions, records, k=3).columns
+
+
+def test_training_pairs_that_push_the_probes_down(records, contributions):
+    pu = D.train_pair_pushes(contributions, records, k=5)
+    assert pu["train_pair"].tolist() == X["pushes"]
+    assert np.allclose(pu["net"], [-0.77, -0.77, -0.75, -0.75, -0.19])
+    assert pu["n_down"].tolist() == [2, 2, 1, 1, 2] and pu["n_top_fall"].tolist() == [2, 2, 1, 1, 1]
+    # only pairs that lowered a probe's chosen log-prob: t{s}_0, _1, _3 at the fall steps, t4_2 and t5_2 (on B)
+    every = D.train_pair_pushes(contributions, records, k=100)
+    assert len(every) == 14 and (every["n_down"] > 0).all() and {"t4_2", "t5_2"} <= set(every["train_pair"])
+    assert not {"t6_2", "t0_0"} & set(every["train_pair"])
+
+
+def test_contribution_split_and_verdict(records, contributions):
+    sp = D.contribution_split(contributions, records)
+    assert sp["n_falls"] == 8 and sp["held_out"] and sp["n_uncovered"] == 0
+    assert sp["act_sum"] == pytest.approx(X["act_sum"])
+    for part in ("own", "others", "residual", "higher_order"):
+        assert sp["parts"][part] == pytest.approx(X[part], abs=1e-12), part
+    assert sum(sp["shares"].values()) == pytest.approx(1.0)
+    assert sp["top"] == dict(step=4, pair_id="A", train_pair="t4_0", contribution=pytest.approx(-0.8),
+                             share=pytest.approx(0.8))
+    assert sp["net_top"]["train_pair"] == "t6_0"
+    text = " ".join(D.verdict(records, contributions=contributions)["conclusions"])
+    for piece in ("own step 0 (0%)", "the other training pairs of the step -3.94 (90%)", "(5%)",
+                  "all of the first-order change comes from training pairs", "training pair t4_0 on probe A at step 4",
+                  "Reading the causes above for held-out probe pairs"):
+        assert piece in text, piece
+    assert "needs the per-training-pair split" not in text and "not all within 0–100%" not in text
+    # B's two curvature falls alone: the training pairs pushed up (+0.04), beyond first order −0.24
+    b = D.contribution_split(contributions, records[(records["pair_id"] == "B") & records["step"].isin([6, 7])])
+    assert b["shares"]["others"] == pytest.approx(-0.2) and b["shares"]["higher_order"] == pytest.approx(1.2)
+    assert any("not all within 0–100%" in x for x in b["sentences"])
+    assert "the other training pairs of the step 0.04 (-20%)" in b["sentences"][0]
+
+
+def test_contribution_split_with_the_probe_trained_on(records, contributions):
+    """A probe pair that is also a training pair of the step: its own share is its own step."""
+    c = contributions.copy()
+    c.loc[(c["step"] == 4) & (c["train_pair"] == "t4_0"), "train_pair"] = "A"
+    sp = D.contribution_split(c, records)
+    assert not sp["held_out"] and sp["parts"]["own"] == pytest.approx(-0.8)
+    # only A@4's −0.8 moves from "others" to "own" (pair A's +0.01 on probe B at step 4 stays with the others)
+    assert sp["parts"]["others"] == pytest.approx(X["others"] + 0.8)
+    assert not any("held out" in x for x in sp["sentences"])
+    f = D.probe_falls(c, records).set_index(["pair_id", "step"])
+    assert f.loc[("A", 4), "own"] == pytest.approx(-0.8) and f.loc[("B", 4), "own"] == 0.0
+
+
+# ------------------------------------------------------------------ attribution reliability
+
+def test_attribution_reliability(scenario):
+    a = RunDir(scenario).table("attributions")
+    rel = D.attribution_reliability(a).set_index("target")
+    assert rel.loc["chosen", "status"] == "converged" and rel.loc["chosen", "ratio"] == pytest.approx(0.002)
+    assert rel.loc["margin", "status"] == "not converged" and rel.loc["margin", "ratio"] == pytest.approx(0.4)
+    assert rel.loc["margin", "note"] == "not converged (|δ|/|gap| = 0.4): raise --n-steps"
+    top = D.top_attributions(a, k=2)
+    assert top["token"].tolist() == ["good", "movie", "good", "bad"]        # per (pair, target), by |attribution|
+    old = D.attribution_reliability(a.drop(columns=["delta", "gap"]))
+    assert (old["status"] == "unchecked").all()
+    edge = pd.DataFrame(dict(pair_id=["p", "q"], target=["chosen"] * 2, token=["x", "y"], attribution=[1.0, 1.0],
+                             delta=[0.0, 1e-3], gap=[0.0, 0.0]))
+    assert D.attribution_reliability(edge)["status"].tolist() == ["converged", "not converged"]
+
+
+def _between(text, start, end):
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def test_report_shows_unconverged_attributions_as_unreliable(scenario):
+    body = D.build_report(scenario, figures=False).section("tokens").body
+    assert "pair A, target margin: not converged (|δ|/|gap| = 0.4): raise --n-steps" in body
+    unreliable = _between(body, '<div class="unreliable">', "</div>")
+    assert "NOT reliable" in unreliable and "<td>bad</td>" in unreliable
+    reliable = _between(body, "Largest token attributions", '<div class="unreliable">')
+    assert "<td>good</td>" in reliable and "<td>bad</td>" not in reliable and "margin" not in reliable
+    assert body.count('<div class="unreliable">') == 1
+
+
+# ------------------------------------------------------------------ the new sections in the report
+
+def test_report_training_pair_sections(scenario):
+    rep = D.build_report(scenario, figures=False, top_k=3)
+    con, inrun = rep.section("contributions").body, rep.section("inrun").body
+    assert "own step 0 (0%)" in con and "<td>t4_0</td>" in con and "train_pair_pushes" in con
+    assert con.index("<td>t6_0</td>") < con.index("<td>t4_0</td>", con.index("train_pair_pushes"))
+    assert "8/39 (21%)" in inrun and "<td>t7_1</td>" in inrun and "<td>t5_1</td>" not in inrun.split("train_top_falls")[1]
+    assert "no gradient to rejected (d_l=0)" in inrun and "--in-run-update" in inrun
+    assert rep.section("inrun").missing == [] and rep.section("contributions").missing == []
+
+
+def test_damaged_or_incomplete_new_tables_are_notes(tmp_path):
+    run = F.write_scenario(tmp_path / "dmg", whatif=False, tokens=False, screen=False, attributions=False)
+    (run / "train_records.parquet").write_bytes(b"not parquet")
+    RunDir(run).table("contributions").drop(columns=["contribution"]).to_parquet(run / "contributions.parquet")
+    rep = D.build_report(run, figures=False)
+    assert "--in-run" in rep.section("inrun").missing[0] and "not a readable Parquet" in rep.section("inrun").body
+    assert "--cross" in rep.section("contributions").missing[0]
+    assert html.escape("lacks the columns ['contribution']") in rep.section("contributions").body
+    assert rep.section("contributions").missing[0].startswith("no usable contributions.parquet")
+    assert rep.verdict["train"] is None and rep.verdict["contrib"] is None
+    assert "lacks the columns" in rep.section("config").body
 
 
 # ------------------------------------------------------------------ remedies against the exact oracle
@@ -342,8 +556,8 @@ def test_html_is_self_contained(report_html, scenario):
     p.feed(text)
     assert set(D.SECTION_IDS) <= set(p.ids) and p.ids.count("verdict") == 1
     imgs = [r for r in p.refs if r.startswith("data:image/png;base64,")]
-    # verdict 3, tokens 1 heatmap, what-if 1
-    assert len(imgs) == 5
+    # verdict 3, in-run 1, tokens 1 heatmap, what-if 1
+    assert len(imgs) == 6
     assert not [r for r in p.refs if re.match(r"(?i)\s*(https?:)?//", r)]
     assert all(r.startswith(("data:image/png;base64,", "#")) for r in p.refs)
     assert "script" not in p.tags and "link" not in p.tags and "iframe" not in p.tags
@@ -377,7 +591,7 @@ def test_chromium_renders_the_report(report_html, tmp_path):
     seen = F.render(report_html, tmp_path / "profile", screenshot=shot)
     assert seen["errors"] == []
     assert seen["ids"] == list(D.SECTION_IDS)
-    assert len(seen["images"]) == 5 and all(done and width > 100 for done, width in seen["images"])
+    assert len(seen["images"]) == 6 and all(done and width > 100 for done, width in seen["images"])
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 
@@ -429,18 +643,25 @@ def test_version1_config_is_upgraded_and_said_so(tmp_path):
 
 def test_missing_optional_tables_are_named_with_the_fix(tmp_path):
     run = F.write_scenario(tmp_path / "bare", whatif=False, tokens=False, screen=False, attributions=False,
-                           writer="DynamicsCallback")
+                           in_run=False, cross=False, writer="DynamicsCallback")
     out = D.diagnose(run, tmp_path / "elsewhere.html", figures=False)
     assert out == tmp_path / "elsewhere.html" and not (run / "report.html").exists()
     rep = D.build_report(run, figures=False)
     assert rep.ids == list(D.SECTION_IDS)
     assert "--whatif" in rep.section("whatif").missing[0]
     tokens = rep.section("tokens").missing
-    assert len(tokens) == 2 and all("--token-pairs 1" in m for m in tokens)
+    assert len(tokens) == 3 and all("--token-pairs 1" in m for m in tokens[:2])
+    assert "attributions.parquet" in tokens[2] and "dynamics attribute" in tokens[2]
     assert "screen.parquet" in rep.section("drivers").missing[0]
+    (contrib,), (inrun,) = rep.section("contributions").missing, rep.section("inrun").missing
+    assert "contributions.parquet" in contrib and "dynamics train --cross" in contrib
+    assert "train_records.parquet" in inrun and "dynamics train --in-run" in inrun
     assert rep.section("verdict").missing == [] and rep.section("remedies").missing == []
+    # the probes' "rest of the update" falls point to the flag that splits them over training pairs
+    assert any("`dynamics train --cross`" in c for c in rep.verdict["conclusions"])
+    assert rep.verdict["train"] is None and rep.verdict["contrib"] is None
     html = out.read_text()
-    assert html.count('class="missing"') >= 4 and "Traceback" not in html
+    assert html.count('class="missing"') >= 7 and "Traceback" not in html
     assert "writer: DynamicsCallback" in html
     d = tmp_path / "dir_out"
     d.mkdir()
@@ -488,10 +709,14 @@ def test_top_k_is_checked(scenario):
         D.build_report(scenario, top_k=0)
 
 
-def test_layering():
-    """dynamics.tools imports only the library (never analyses) and no private name of another module."""
-    tree = ast.parse(Path(D.__file__).read_text())
+@pytest.mark.parametrize("module", [D, H])
+def test_layering(module):
+    """dynamics.tools imports only the library (never analyses) and no private name of another module;
+    the rendering module does not import the computation."""
+    tree = ast.parse(Path(module.__file__).read_text())
     for node in ast.walk(tree):
+        if module is H and isinstance(node, ast.ImportFrom) and node.module:
+            assert node.module != "dynamics.tools.diagnose"
         if isinstance(node, ast.ImportFrom) and node.module:
             assert not node.module.startswith("analyses")
             if node.module.startswith("dynamics"):
@@ -502,6 +727,6 @@ def test_layering():
 
 
 def test_long_tables_are_capped():
-    text = D._capped(pd.DataFrame({"a": range(100)}))
+    text = H.capped_table(pd.DataFrame({"a": range(100)}))
     assert "100 rows; the first and last 20" in text and text.count("<tr>") == 40    # body rows
-    assert D._capped(pd.DataFrame({"a": range(40)})).count("<tr>") == 40
+    assert H.capped_table(pd.DataFrame({"a": range(40)})).count("<tr>") == 40

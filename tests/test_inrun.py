@@ -384,11 +384,4 @@ def test_in_run_update_is_the_real_update_at_theta_s(tmp_path, tok):
     with pytest.raises(InputError, match="needs in_run"):
         tiny_cfg(tmp_path, "x", in_run_update=True)
 
-
-def test_callback_refuses_in_run(tmp_path):
-    from dynamics.runs.callbacks import DynamicsCallback
-    from dynamics.runs.recorder import RecorderConfig
-
-    with pytest.raises(InputError, match="fused LM head"):
-        DynamicsCallback(PAIRS, tmp_path / "cb", RecorderConfig(in_run=True))
-    assert not (tmp_path / "cb").exists()
+# DynamicsCallback(in_run=True) under TRL's DPOTrainer: tests/test_callback_inrun.py

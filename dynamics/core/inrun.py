@@ -17,9 +17,13 @@ per parameter and summed over its uses (a tied embedding / lm_head: all pairs of
 and only three entries per pair are formed: (w_k, l_k), (w_k, w_k), (l_k, l_k) — linear in B —
 each divided by the captured c_w,k c_l,k, c_w,k², c_l,k². The scalars c are read from the
 backward (hooks on the log-prob tensors the loss was computed from), so they are exactly the
-factors that multiplied b. Where c_i = 0 exactly (an inactive hinge: SLiC-HF or RRHF past its
-margin has d_l = 0) the backward carries no information on g_i: the entries that need it are NaN
-and `PairProducts.missing` says why.
+factors that multiplied b. `InRunCapture.watch_tokens` reads them from the per-token log-prob
+tensor the loss sums instead (TRL's ``fused_lm_head`` output, whose per-sequence sums are formed
+inside the trainer's loss): there ∂L/∂log π(y_it) = c_i at every response token of a loss that
+depends on sequence i only through its sum, and a row where it is not one scalar (TRL's
+``ld_alpha`` tail weighting) is reported missing, not guessed. Where c_i = 0 exactly (an inactive
+hinge: SLiC-HF or RRHF past its margin has d_l = 0) the backward carries no information on g_i:
+the entries that need it are NaN and `PairProducts.missing` says why.
 
 Per parameter the cheaper exact contraction is used (`dynamics.core.ghost.pair_entries_from_uses`):
 the ghost form, cost 3 B T² (d_in + d_out), or per-example gradients, cost 2B·T·d_in·d_out
@@ -69,7 +73,8 @@ from dynamics.core.grads import resolve_params
 from dynamics.core.logprobs import unwrap
 from dynamics.errors import InputError
 
-__all__ = ["InRunCapture", "PairProducts", "MISSING_REASONS", "CONTRACTIONS", "predict_with_missing"]
+__all__ = ["InRunCapture", "PairProducts", "MISSING_REASONS", "NONCONSTANT_REASON", "CONTRACTIONS",
+           "predict_with_missing", "row_scales"]
 
 CONTRACTIONS = ("auto", "ghost", "materialize")
 """How each parameter's entries are contracted (`dynamics.core.ghost.pair_entries_from_uses`): the
@@ -81,6 +86,39 @@ MISSING_REASONS = {
     (True, True): "no gradient to chosen or rejected (d_w=d_l=0)",
 }
 """``missing`` text by (c_w = 0, c_l = 0): which response this backward carried no gradient to."""
+
+NONCONSTANT_REASON = ("per-token loss weights within a response (the loss is not a function of the summed "
+                      "log-prob, e.g. TRL's ld_alpha): not supported")
+"""``missing`` text of a pair watched by `InRunCapture.watch_tokens` whose ∂L/∂log π(y_t) is not the
+same at every response token of the chosen or the rejected sequence."""
+
+ROW_SCALE_ULPS = 16
+"""`row_scales` tolerance in units of the gradient dtype's machine epsilon (see there)."""
+
+
+def row_scales(grad: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row i of a per-token gradient ``grad`` (N, T) = ∂L/∂log π(y_it), the scalar c_i it is at
+    every position of ``mask`` (N, T) bool, and whether it is constant there: ``(c (N,) float64,
+    constant (N,) bool)``.
+
+    A loss that depends on sequence i only through its summed log-prob Σ_t log π(y_it) (TRL's DPO
+    losses with ``ld_alpha=None``, WPO weights included) backpropagates the broadcast of one scalar,
+    so the entries are bitwise equal; ``constant`` allows a deviation of `ROW_SCALE_ULPS` machine
+    epsilons of ``grad``'s dtype times the row's largest |entry| (a few roundings if a loss forms
+    the factor per token, e.g. through a float mask) — far below the relative difference 1 − α of
+    TRL's ``ld_alpha = α`` tail weighting (any α ≤ 1 − 1e-5 in float32). ``c`` is the masked mean
+    (0 for a row without masked positions: no gradient reaches it)."""
+    if grad.dim() != 2 or mask.shape != grad.shape:
+        raise ValueError(f"row_scales: grad and mask must be (N, T) of one shape, got {tuple(grad.shape)}, "
+                         f"{tuple(mask.shape)}")
+    m = mask.to(device=grad.device, dtype=torch.bool)
+    g = grad.detach().double()
+    n = m.sum(1)
+    c = torch.where(m, g, 0.0).sum(1) / n.clamp_min(1)
+    dev = torch.where(m, (g - c[:, None]).abs(), 0.0).amax(1)
+    top = torch.where(m, g.abs(), 0.0).amax(1)
+    eps = torch.finfo(grad.dtype).eps if grad.dtype.is_floating_point else 0.0
+    return c, dev <= ROW_SCALE_ULPS * eps * top
 
 
 @dataclass
@@ -143,6 +181,7 @@ class InRunCapture:
         self._forwards = 0
         self._rows: tuple[Tensor, Tensor] | None = None
         self._c: dict[str, Tensor] = {}
+        self._constant: dict[str, Tensor] = {}   # watch_tokens: whether each row's per-token scale is one scalar
         self._head: nn.Module | None = None
         self._n_calls: dict[int, int] | None = None
         self._pending: dict[int, list[Use]] = {}
@@ -206,11 +245,49 @@ class InRunCapture:
         rows_w = torch.arange(B, device=dev) if rows_w is None else torch.as_tensor(rows_w, device=dev)
         rows_l = torch.arange(B, 2 * B, device=dev) if rows_l is None else torch.as_tensor(rows_l, device=dev)
         self._rows = (rows_w, rows_l)
-        self._c = {}
+        self._c, self._constant = {}, {}
         for side, t in (("w", logp_w), ("l", logp_l)):
             if not t.requires_grad:
                 raise ValueError(f"watch: logp_{side} does not require grad (computed without grad?)")
             t.register_hook(lambda g, side=side: self._c.__setitem__(side, g.detach().double()))
+
+    def watch_tokens(self, per_token: Tensor, mask: Tensor, rows_w: Tensor | None = None,
+                     rows_l: Tensor | None = None) -> None:
+        """`watch` for a loss computed from per-token log-probs: ``per_token`` (N, T) is the tensor the
+        loss sums (TRL's ``outputs.log_probs`` of its ``fused_lm_head`` forward), ``mask`` (N, T) bool
+        its response positions (TRL's ``label_mask``), ``rows_w, rows_l`` (B,) as in `watch` (default:
+        chosen 0..B-1, rejected B..2B-1 of N = 2B rows).
+
+        The hook reads ∂L/∂log π(y_it) and takes c_i = its value at the masked positions of row i
+        (`row_scales`): exact when the loss depends on each sequence only through its summed
+        log-prob. A row where it is not constant (a per-token weighting such as TRL's ``ld_alpha``)
+        gets NaN entries and `NONCONSTANT_REASON` (``PairProducts.missing``): its backward did not
+        scale one gradient g_i, so no ⟨g_i, ·⟩ can be read from it."""
+        if per_token.dim() != 2 or mask.shape != per_token.shape:
+            raise ValueError(f"watch_tokens: per_token and mask must be (N, T) of one shape, got "
+                             f"{tuple(per_token.shape)}, {tuple(mask.shape)}")
+        N, dev = per_token.shape[0], per_token.device
+        if rows_w is None or rows_l is None:
+            if N % 2:
+                raise ValueError(f"watch_tokens: {N} rows cannot be chosen/rejected halves; pass rows_w, rows_l")
+            B = N // 2
+        rows_w = torch.arange(B, device=dev) if rows_w is None else torch.as_tensor(rows_w, device=dev)
+        rows_l = torch.arange(B, 2 * B, device=dev) if rows_l is None else torch.as_tensor(rows_l, device=dev)
+        if rows_w.shape != rows_l.shape or rows_w.dim() != 1:
+            raise ValueError(f"watch_tokens: rows_w and rows_l must be (B,), got {tuple(rows_w.shape)}, "
+                             f"{tuple(rows_l.shape)}")
+        if not per_token.requires_grad:
+            raise ValueError("watch_tokens: per_token does not require grad (computed without grad?)")
+        self._rows = (rows_w, rows_l)
+        self._c, self._constant = {}, {}
+        mask = mask.detach().bool()
+
+        def on_grad(g):
+            c, const = row_scales(g, mask.to(g.device))
+            for side, rows in (("w", rows_w), ("l", rows_l)):
+                self._c[side], self._constant[side] = c[rows.to(c.device)], const[rows.to(c.device)]
+
+        per_token.register_hook(on_grad)
 
     # ------------------------------------------------------------------ during the backward
     def _on_grad(self, k: int, g: Tensor) -> None:
@@ -292,8 +369,10 @@ class InRunCapture:
             raw_ip, raw_w, raw_l = self._acc if self._acc is not None else (zeros, zeros, zeros)
             c_w = self._c.get("w", zeros).to(raw_ip.device)
             c_l = self._c.get("l", zeros).to(raw_ip.device)
+            yes = torch.ones(B, dtype=torch.bool, device=raw_ip.device)
+            const = (self._constant.get("w", yes).to(raw_ip.device), self._constant.get("l", yes).to(raw_ip.device))
             nan = torch.full_like(raw_ip, float("nan"))
-            ok_w, ok_l = c_w != 0, c_l != 0
+            ok_w, ok_l = (c_w != 0) & const[0], (c_l != 0) & const[1]
             sq_w = torch.where(ok_w, raw_w / torch.where(ok_w, c_w * c_w, 1.0), nan)
             sq_l = torch.where(ok_l, raw_l / torch.where(ok_l, c_l * c_l, 1.0), nan)
             ok = ok_w & ok_l
@@ -301,7 +380,9 @@ class InRunCapture:
             denom = (sq_w * sq_l).sqrt()
             cos = torch.where(denom > 0, ip / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(ip))
             cos = torch.where(ok, cos, nan)
-        reasons = [MISSING_REASONS.get((not bool(a), not bool(b))) for a, b in zip(ok_w.tolist(), ok_l.tolist())]
+        bad = (~(const[0] & const[1])).tolist()
+        reasons = [NONCONSTANT_REASON if x else MISSING_REASONS.get((not bool(a), not bool(b)))
+                   for x, a, b in zip(bad, ok_w.tolist(), ok_l.tolist())]
         return PairProducts(ip.cpu(), sq_w.cpu(), sq_l.cpu(), cos.cpu(), c_w.cpu(), c_l.cpu(), reasons)
 
 

@@ -18,8 +18,25 @@ Reference log-probs of the probe pairs are computed at ``on_train_begin`` from t
 is then (TRL's default reference: the initial policy; for a PEFT model, with the adapters
 disabled), unless given as ``ref`` (a DataFrame with ``ref_w, ref_l`` in probe order).
 
-What it cannot do: the in-run rows of ``RecorderConfig.in_run`` (refused: see `__init__`), and
-sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
+In-run rows (``RecorderConfig(in_run=True)``, TRL's ``DPOTrainer`` only, after ``attach``): one row
+per optimizer step × *training* pair in ``train_records.parquet`` (the columns of
+`dynamics.runs.recorder.TRAIN_RECORD_COLUMNS`), read off the trainer's own forward/backward
+(`dynamics.core.inrun`). ``attach`` wraps the trainer's ``training_step`` (one call per
+micro-batch) in an `InRunCapture`; a forward hook on the policy (and reference) model picks the
+``fused_lm_head`` forward with grad of TRL's ``_compute_loss`` and hooks its per-token
+``log_probs`` (`InRunCapture.watch_tokens`), from which c = ∂L/∂log π of every sequence is read.
+See `DynamicsCallback` for the columns' meaning under TRL. Supported: LoRA (or any setup where
+the LM head and a weight tied to it are frozen), every TRL loss type that depends on each
+sequence only through its summed log-prob (sigmoid, hinge, ipo, …, ``use_weighting``, several
+``loss_type`` at once), gradient accumulation, ``precompute_ref_log_probs``, a ``ref_model`` or
+PEFT's disabled adapter as reference, ``in_run_update``. Refused at train begin with
+`InputError`: full fine-tuning (TRL's fused head uses the lm_head weight outside the lm_head
+module, invisible to the hooks), ``ld_alpha`` (a per-token weighting), gradient checkpointing
+(TRL's default: pass ``gradient_checkpointing=False``), ``padding_free``, MoE router aux loss,
+prompt-learning PEFT, vision datasets, DeepSpeed/FSDP, and a trainer that is not a TRL
+``DPOTrainer`` or a callback that was not attached with ``attach``.
+
+What it cannot do: sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
 parameter snapshot and the probe forward passes assume one process holding the whole model;
 it raises for ``world_size > 1``). It tokenizes the probe pairs itself (prompt and response
 separately, `dynamics.core.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
@@ -30,17 +47,21 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import torch
 
-from dynamics.core.logprobs import reference_logprobs, tokenize_pairs
+from dynamics.core.logprobs import (TokenizedPairs, TokenizedSequence, pair_fingerprints, reference_logprobs,
+                                    tokenize_pairs, unwrap)
 from dynamics.runs.rundir import RunDir, to_jsonable
 from dynamics.inputs.models import precision_name
-from dynamics.core.losses import resolve_hyper
+from dynamics.core.inrun import NONCONSTANT_REASON
+from dynamics.core.losses import compute_loss, resolve_hyper
 from dynamics.errors import InputError
-from dynamics.runs.recorder import Recorder, RecorderConfig, outside_autocast
+from dynamics.runs.recorder import InRunRecorder, Recorder, RecorderConfig, outside_autocast
 
 try:
     from transformers import TrainerCallback
@@ -63,6 +84,33 @@ class DynamicsCallback(TrainerCallback):
         max_length: tokenization limit (prompt cut from the left).
         append_eos: end every probe response with the EOS token; ``"auto"``: when ``args`` is a
             TRL config (as TRL does for non-conversational data), else not.
+
+    In-run rows under TRL's DPOTrainer (``recorder.in_run``; module docstring for what is supported):
+
+    - ``step``: ``state.global_step`` during the step's micro-batches (θ_s, before update s);
+      ``micro``: the micro-batch within the step; ``lr``: the scheduler's rate of update s.
+    - ``pair_id``: TRL's batches carry no ids, so the id is the 16-hex fingerprint of the pair's
+      token ids as trained (prompt and completion of chosen and rejected, padding stripped), the
+      same as `dynamics.core.logprobs.pair_fingerprints` of ``tokenize_pairs(tok, pairs,
+      append_eos=True)`` when TRL tokenized the pair that way; a pair seen twice keeps its id.
+    - ``logp_w, logp_l``: TRL's per-sequence sums of the training forward's ``log_probs``
+      (float32 fused head, train mode); ``len_w, len_l``: completion tokens; ``ref_w, ref_l``:
+      ``inputs["ref_chosen_logps"/"ref_rejected_logps"]`` with ``precompute_ref_log_probs``, else
+      the sums of the no-grad reference forward of the same ``_compute_loss`` (the ``ref_model``
+      or PEFT's disabled adapter); NaN if neither was seen.
+    - ``c_w, c_l`` = ∂L/∂logp of the loss L the trainer backpropagated (captured);
+      ``d_w = −c_w·b_opt``, ``d_l = c_l·b_opt`` with ``b_opt = B_micro × GA``: TRL's loss is the
+      mean of the per-pair losses over the micro-batch's B_micro pairs and transformers' Trainer
+      divides it by the step's number of micro-batches GA (``current_gradient_accumulation_steps``;
+      1 if the trainer scales for accumulation itself; divided by the fp16 grad-scaler scale). So
+      ``d`` is TRL's own coefficient (any loss type, ``use_weighting``, ``f_divergence_type``) and
+      the predictions ``pred_dw, pred_dl, thr_w, thr_l, case_pred`` use it. ``loss_value`` is the
+      callback's ``loss``; when its d differs from TRL's beyond rounding a warning says so once.
+    - ``ip_wl, sq_w, sq_l, cos_wl`` of θ = the trainable parameters (``recorder.params``), the
+      gradients of the fused head's float32 log-probs; ``missing_reason`` as in
+      `dynamics.core.inrun`.
+    Rows are flushed every 20 steps, at every ``on_save`` (after the trainer wrote the checkpoint)
+    and at train end.
     """
 
     def __init__(self, probe_pairs: Sequence, out_dir: str | Path, recorder: RecorderConfig | None = None, *,
@@ -77,11 +125,11 @@ class DynamicsCallback(TrainerCallback):
         if append_eos not in (True, False, "auto"):
             raise ValueError(f"append_eos must be True, False or 'auto', got {append_eos!r}")
         self.recorder = recorder if recorder is not None else RecorderConfig()
-        if self.recorder.in_run:
-            raise InputError("DynamicsCallback does not record in_run rows yet: TRL's DPOTrainer computes its "
-                             "log-probs with a fused LM head and its loss from reference log-probs the callback "
-                             "cannot see, so the per-pair scales and coefficients are not available from a "
-                             "callback; use the plain trainer (dynamics train --in-run) or in_run=False")
+        if self.recorder.cross:
+            raise InputError("DynamicsCallback does not record cross (probe x training-pair contributions): it needs each "
+                             "recorded step's training pairs with their dL/dlogp and the optimizer after its step, which "
+                             "a transformers callback is not handed; use the plain trainer (dynamics train --cross) or "
+                             "cross=False")
         self.loss, self.loss_params = loss, resolve_hyper(loss, loss_params)  # validated now, not at train begin
         self.append_eos = append_eos
         self.pairs, self.ref, self.max_length = list(probe_pairs), ref, max_length
@@ -90,15 +138,188 @@ class DynamicsCallback(TrainerCallback):
         self.rec: Recorder | None = None
         self._summary: dict | None = None
         self._t_step = self._t_rec = 0.0
+        self._trainer = None
+        self.inrun: InRunRecorder | None = None
+        self._inrun_summary: dict | None = None
+        self._micro = 0
+        self._loss_checked = False
 
     def attach(self, trainer) -> "DynamicsCallback":
-        """Put this callback first in ``trainer``'s list, before the reporting integrations."""
+        """Put this callback first in ``trainer``'s list, before the reporting integrations; with
+        ``recorder.in_run``, also wrap ``trainer.training_step`` (one call per micro-batch) so that
+        each micro-batch's forward and backward run under an in-run capture."""
         trainer.callback_handler.callbacks.insert(0, self)
+        self._trainer = trainer
+        if self.recorder.in_run and not getattr(trainer.training_step, "_dynamics_in_run", False):
+            original = trainer.training_step
+
+            def training_step(model, inputs, *args, **kwargs):
+                if self.inrun is None:
+                    return original(model, inputs, *args, **kwargs)
+                return self._in_run_step(original, model, inputs, *args, **kwargs)
+
+            training_step._dynamics_in_run = True
+            trainer.training_step = training_step
         return self
+
+    # ------------------------------------------------------------------ in-run rows (TRL DPOTrainer)
+    def _in_run_checks(self, args, model) -> None:
+        """Refuse, before anything is written or trained, what the in-run rows cannot measure."""
+        tr = self._trainer
+        if tr is None:
+            raise InputError("in_run: the callback must be attached with DynamicsCallback.attach(trainer) (it wraps "
+                             "the trainer's training_step); passing it in callbacks=[...] is not enough")
+        if not any(c.__name__ == "DPOTrainer" and c.__module__.split(".")[0] == "trl" for c in type(tr).__mro__):
+            raise InputError(f"in_run with DynamicsCallback supports TRL's DPOTrainer only, not {type(tr).__name__}; "
+                             "use in_run=False, or the plain trainer (dynamics train --in-run)")
+        off = "; set it off or use in_run=False"
+        base = unwrap(model)
+        flag = ("is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing")
+                else "is_gradient_checkpointing")  # transformers >= 5 renamed it (as InRunCapture reads it)
+        if (getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+                or getattr(base, flag, False)):
+            raise InputError("in_run does not support gradient (activation) checkpointing: the checkpointed forward is "
+                             "run again inside the backward; TRL's configs turn it on by default: pass "
+                             "gradient_checkpointing=False (activation_checkpointing=False), or use in_run=False")
+        if getattr(tr, "ld_alpha", None) is not None:
+            raise InputError(f"in_run does not support TRL's ld_alpha={tr.ld_alpha} (it weights the tokens beyond the "
+                             "shared length, so the loss is not a function of each response's summed log-prob and "
+                             "no per-sequence gradient scale exists); use ld_alpha=None or in_run=False")
+        if getattr(tr, "padding_free", False):
+            raise InputError("in_run does not support padding_free (sequences packed into one row)" + off)
+        if getattr(tr, "aux_loss_enabled", False):
+            raise InputError("in_run does not support the MoE router aux loss (its gradient does not pass through "
+                             "the log-probs); set router_aux_loss_coef=0 or in_run=False")
+        if getattr(tr, "_is_vision_dataset", False):
+            raise InputError("in_run does not support vision datasets" + off.replace("set it off", "use text data"))
+        if getattr(tr, "is_deepspeed_enabled", False) or getattr(tr, "is_fsdp_enabled", False):
+            raise InputError("in_run does not support DeepSpeed or FSDP (sharded parameters, own loss scaling)" + off)
+        peft = getattr(model, "peft_config", None)
+        if isinstance(peft, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft.values()):
+            raise InputError("in_run does not support prompt-learning PEFT (virtual tokens shift the log-probs); "
+                             "use LoRA or in_run=False")
+
+    def _start_in_run(self, args, model) -> InRunRecorder:
+        inrun = InRunRecorder(model, self.run, self.recorder, loss=self.loss, loss_params=self.loss_params)
+        base = unwrap(model)
+        get_head = getattr(base, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        ids = {id(p) for p in inrun.capture.params.values()}
+        if head is not None and any(id(p) in ids for p in head.parameters()):
+            raise InputError("in_run: the output layer's weight (or the input embedding tied to it) is trained, but "
+                             "TRL's fused LM head uses it outside the lm_head module, where the in-run hooks cannot "
+                             "see its gradient (full fine-tuning); train with LoRA (peft_config=LoraConfig(...)), "
+                             "freeze the head, select other parameters (RecorderConfig(params=...)), or use "
+                             "in_run=False")
+        return inrun
+
+    def _in_run_step(self, original, model, inputs, *args, **kwargs):
+        """One micro-batch of TRL's training_step under the in-run capture, then its rows."""
+        tr, inrun = self._trainer, self.inrun
+        if self._micro == 0:
+            inrun.begin_step()
+        sink = _FusedOutputs()
+        mods = []
+        for m in (model, tr.model, getattr(tr, "ref_model", None)):
+            if isinstance(m, torch.nn.Module) and all(m is not x for x in mods):
+                mods.append(m)
+        with inrun.micro_batch() as cap:
+            sink.cap = cap
+            handles = [m.register_forward_hook(sink.hook, with_kwargs=True) for m in mods]
+            try:
+                loss = original(model, inputs, *args, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+        t = time.perf_counter()
+        num_items = args[0] if args else kwargs.get("num_items_in_batch")
+        self._add_rows(inputs, sink, num_items)
+        self._t_rec += cap.seconds + time.perf_counter() - t
+        self._micro += 1
+        return loss
+
+    def _b_opt(self, n_pairs: int, num_items_in_batch) -> float:
+        """L_backward = (Σ_k ℓ_k / n_pairs) / GA × scale: the factor b_opt with d = ∓c·b_opt."""
+        tr = self._trainer
+        scaled = getattr(tr, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = ((getattr(tr, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                      or getattr(tr, "compute_loss_func", None) is not None)
+        ga = 1 if scaled else getattr(tr, "current_gradient_accumulation_steps", tr.args.gradient_accumulation_steps)
+        scaler = getattr(getattr(tr, "accelerator", None), "scaler", None)
+        on = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
+        scale = float(scaler.get_scale()) if on else 1.0
+        return n_pairs * ga / scale
+
+    def _add_rows(self, inputs, sink: "_FusedOutputs", num_items_in_batch) -> None:
+        tr = self._trainer
+        if sink.policy is None:
+            raise RuntimeError("in_run: no fused_lm_head forward with grad was seen in this training step (has TRL's "
+                               "DPOTrainer._compute_loss changed?); use in_run=False")
+        lp, mask = sink.policy
+        ids = inputs["input_ids"]
+        N, B = lp.shape[0], lp.shape[0] // 2
+        if ids.shape[0] != N or lp.shape[1] != ids.shape[1] - 1:
+            raise RuntimeError(f"in_run: TRL's log_probs {tuple(lp.shape)} do not match input_ids {tuple(ids.shape)} "
+                               "(rows = sequences, one position less); use in_run=False")
+        sums = lp.sum(1).double().cpu()                     # as TRL: per_token_logps.sum(dim=1)
+        n = mask.sum(1).cpu()
+        if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
+            rw, rl = (torch.as_tensor(inputs[k]).detach().double().cpu() for k in ("ref_chosen_logps",
+                                                                                   "ref_rejected_logps"))
+        elif sink.ref is not None:
+            ref = sink.ref.sum(1).double().cpu()
+            rw, rl = ref[:B], ref[B:]
+        else:
+            rw = rl = torch.full((B,), float("nan"), dtype=torch.float64)
+        pairs = trl_batch_pairs(inputs, self._pad_id())
+        sched = getattr(tr, "lr_scheduler", None)
+        lr = sched.get_last_lr()[0] if sched is not None else tr.args.learning_rate
+        b_opt = self._b_opt(B, num_items_in_batch)
+        self.inrun.add(tr.state.global_step, pair_fingerprints(pairs), lw=sums[:B], ll=sums[B:], len_w=n[:B],
+                       len_l=n[B:], ref_w=rw, ref_l=rl, lr=lr, micro=self._micro,
+                       pairs=pairs if self.recorder.in_run_update else None, b_opt=b_opt)
+        if not self._loss_checked:
+            self._check_loss(sums[:B], sums[B:], rw, rl, n[:B], n[B:], b_opt, lp.dtype)
+
+    def _check_loss(self, lw, ll, rw, rl, nw, nl, b_opt, dtype) -> None:
+        """Warn once when the callback's ``loss`` is not the one TRL trains with (d of the zoo ≠ d read
+        off the backward). Tolerance: TRL forms d from the same log-probs in their dtype (float32 from
+        the fused head), so the same loss agrees with the float64 zoo to ~1e-7 relative, while
+        another β or loss differs at order 1: 1e-4, or 8 epsilons of half-precision log-probs."""
+        prod = self.inrun.capture.result()
+        ok = rw.isfinite() & rl.isfinite() & torch.tensor([m != NONCONSTANT_REASON for m in prod.missing])
+        if not bool(ok.any()):
+            return
+        self._loss_checked = True
+        lo = compute_loss(self.loss, lw, ll, rw, rl, nw.double(), nl.double(), **self.loss_params)
+        trl_w, trl_l = -prod.c_w * b_opt, prod.c_l * b_opt
+        scale = max(lo.d_w.abs().max().item(), lo.d_l.abs().max().item(), trl_w.abs().max().item(), 1e-30)
+        err = max((lo.d_w - trl_w)[ok].abs().max().item(), (lo.d_l - trl_l)[ok].abs().max().item())
+        tol = max(1e-4, 8 * torch.finfo(dtype).eps)
+        if err > tol * scale:
+            warnings.warn(f"DynamicsCallback: loss={self.loss!r} {self.loss_params} does not match the loss TRL trains "
+                          f"with (its coefficients d_w, d_l differ from those read off TRL's backward by "
+                          f"{err / scale:.2e} relative): the in-run rows' d_w, d_l and predictions are TRL's (from the "
+                          "backward), their loss_value is the callback's loss; pass the matching loss/loss_params",
+                          stacklevel=2)
+
+    def _pad_id(self) -> int:
+        tr = self._trainer
+        for src in (getattr(tr, "data_collator", None), getattr(tr, "processing_class", None)):
+            src = getattr(src, "tokenizer", src)
+            pad = getattr(src, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        return 0
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if getattr(args, "world_size", 1) > 1:
             raise RuntimeError("DynamicsCallback supports single-process training only (world_size > 1)")
+        self.inrun = None
+        if self.recorder.in_run:
+            self._in_run_checks(args, model)
+            inrun = self._start_in_run(args, model)
         tok = processing_class if processing_class is not None else kwargs.get("tokenizer")
         tok = getattr(tok, "tokenizer", tok)  # processors wrap a tokenizer
         eos = self.append_eos
@@ -125,6 +346,8 @@ class DynamicsCallback(TrainerCallback):
             sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
         self.rec = Recorder(model, probe, ref, self.run, cfg, loss=self.loss, loss_params=self.loss_params,
                             lr=args.learning_rate, tokenizer=tok, probe_sets=sets)
+        if cfg.in_run:
+            self.inrun, self._micro, self._loss_checked = inrun, 0, False
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t_step, self._t_rec = time.perf_counter(), 0.0
@@ -141,6 +364,11 @@ class DynamicsCallback(TrainerCallback):
             t = time.perf_counter()
             self._summary = self.rec.after_update()
             self._t_rec += time.perf_counter() - t
+        if self.inrun is not None and self._micro:
+            t = time.perf_counter()
+            self._inrun_summary = self.inrun.end_step()   # after the update: in_run_update's jvp needs θ_{s+1}
+            self._micro = 0
+            self._t_rec += time.perf_counter() - t
 
     def on_step_end(self, args, state, control, **kwargs):
         # step_s: the trainer's own step; record_s: the diagnostics inside it (overhead)
@@ -148,12 +376,60 @@ class DynamicsCallback(TrainerCallback):
         self.run.append("steps", [dict(step=state.global_step, step_s=total - self._t_rec, record_s=self._t_rec)])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._summary and logs is not None:
-            logs.update(self._summary)  # later callbacks (TensorBoard, W&B) see them
+        summary = {**(self._summary or {}), **(self._inrun_summary or {})}
+        if summary and logs is not None:
+            logs.update(summary)  # later callbacks (TensorBoard, W&B) see them
             if state.log_history:
-                state.log_history[-1].update(self._summary)
-            self._summary = None
+                state.log_history[-1].update(summary)
+            self._summary = self._inrun_summary = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.inrun is not None:
+            self.inrun.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.inrun is not None:
+            self.inrun.flush()
         if self.rec is not None:
             self.rec.final(state.global_step)
+
+
+class _FusedOutputs:
+    """Forward hook collecting the ``fused_lm_head`` outputs of one training micro-batch: the
+    first with grad is the policy's (its ``log_probs`` are watched by the capture), a later
+    no-grad one of the same shape the reference's (TRL's ``_compute_loss`` order)."""
+
+    def __init__(self):
+        self.cap = None
+        self.policy: tuple | None = None     # (log_probs detached, label_mask)
+        self.ref = None
+        self._seen: list = []
+
+    def hook(self, module, args, kwargs, out):
+        lp, mask = getattr(out, "log_probs", None), getattr(out, "label_mask", None)
+        if not isinstance(lp, torch.Tensor) or not isinstance(mask, torch.Tensor) or any(out is o for o in self._seen):
+            return
+        self._seen.append(out)               # one output seen through nested hooked modules counts once
+        if torch.is_grad_enabled() and lp.requires_grad:
+            if self.policy is None:
+                self.policy = (lp.detach(), mask.detach())
+                self.cap.watch_tokens(lp, mask)
+        elif self.policy is not None and self.ref is None and lp.shape == self.policy[0].shape:
+            self.ref = lp.detach()
+
+
+def trl_batch_pairs(inputs, pad_id: int) -> TokenizedPairs:
+    """The pairs of a TRL DPO batch (``input_ids`` (2B, T): B chosen rows then B rejected, right
+    padded; ``completion_mask`` marks the completion) as `TokenizedPairs` of the trained token ids
+    (prompt = the attended tokens before the completion; ``tokens`` left empty), ids =
+    `pair_fingerprints`."""
+    ids = inputs["input_ids"].detach().cpu()
+    comp = inputs["completion_mask"].detach().cpu().bool()
+    att = inputs.get("attention_mask")
+    att = torch.ones_like(comp) if att is None else att.detach().cpu().bool()
+    seqs = [TokenizedSequence(tuple(ids[i][att[i] & ~comp[i]].tolist()), tuple(ids[i][comp[i]].tolist()), ())
+            for i in range(ids.shape[0])]
+    B = len(seqs) // 2
+    tp = TokenizedPairs([""] * B, seqs[:B], seqs[B:], pad_id)
+    tp.pair_ids = pair_fingerprints(tp)
+    return tp

@@ -10,6 +10,10 @@
             logs = rec.after_update()      # θ_{s+1}: actual changes, update-based prediction
     rec.final(step + 1)
 
+With ``cross`` on, `Recorder.before_update` also takes the step's training pairs and their loss
+scalars (``train_batch=TrainingBatch(pairs, c_w, c_l)``, one per micro-batch) and
+`Recorder.after_update` the optimizer (``optimizer=opt``), whose state gives the update map U.
+
 The plain trainer (`dynamics.runs.train`) and the transformers callback (`dynamics.runs.callbacks`) both
 drive this class. One flat row per step × probe pair goes to ``records.parquet``:
 
@@ -19,8 +23,8 @@ drive this class. One flat row per step × probe pair goes to ``records.parquet`
 - SGD-form prediction of a step of size η on this pair alone (seed 004 §3.2):
   ``pred_dw, pred_dl``, thresholds ``thr_w, thr_l`` (eq. 9/10) and ``case_pred`` (Table 1);
 - the real update Δθ = θ_{s+1} − θ_s (any optimizer, any batch): its exact first-order effect
-  ``upd_dw = ⟨g_w, Δθ⟩``, ``upd_dl`` (forward-mode jvp, no per-example gradient), the actual
-  changes ``act_dw, act_dl`` and ``case_obs``.
+  ``upd_dw = ⟨g_w(θ_s), Δθ⟩``, ``upd_dl`` (forward-mode jvp at θ_s, no per-example gradient), the
+  actual changes ``act_dw, act_dl`` and ``case_obs``.
 
 With ``in_run`` on, `InRunRecorder` adds ``train_records.parquet``: one row per step × *training*
 pair, at every optimizer step, measured on the training forward/backward itself (no probe pass):
@@ -31,6 +35,13 @@ thr_w, thr_l, case_pred`` and ``missing_reason`` (`dynamics.core.inrun`); ``in_r
 ``whatif.parquet`` holds the SGD-form prediction under every loss of the zoo from the same
 gradients; ``token_grams/step{s}_{pair}.npz`` the token Grams of the first ``token_pairs`` probes
 with the Theorem 3 decomposition in ``token_decomp.parquet``.
+
+With ``cross`` on, ``contributions.parquet`` splits each probe response's ``upd`` over the training
+pairs of the step (docs/math.md §4.1, `dynamics.core.contrib`): one row per step × probe pair ×
+response × training pair with ``k_w, k_l`` (the cross-Gram ⟨g_o, g_w,u⟩, ⟨g_o, g_l,u⟩ at θ_s),
+``c_w, c_l`` (the step's ∂L/∂lw_u, ∂L/∂ll_u) and ``contribution = ⟨g_o, U(G_u)⟩``; the records rows
+of that step get ``contrib_sum_w, contrib_sum_l`` (Σ_u) and ``contrib_resid_w, contrib_resid_l``
+(``upd − Σ_u``: momentum, weight decay and rounding).
 """
 from __future__ import annotations
 
@@ -42,7 +53,8 @@ import torch
 
 from dynamics.core import conditions
 from dynamics.core.analyzer import Analyzer
-from dynamics.core.grads import IMPLS
+from dynamics.core.contrib import TrainingBatch, parameters_at, training_pair_contributions, update_map
+from dynamics.core.grads import IMPLS, select_params
 from dynamics.core.inrun import InRunCapture, predict_with_missing
 from dynamics.core.logprobs import TokenizedPairs
 from dynamics.core.losses import compute_loss, resolve_hyper
@@ -65,9 +77,10 @@ class RecorderConfig:
     probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
     in_run: bool = field(default=False, metadata={"help": "record every optimizer step's training pairs (train_records.parquet) from the training backward itself"})
     in_run_update: bool = field(default=False, metadata={"help": "with in_run: also the exact first-order effect <g, dtheta> of each real update on its training pairs (one jvp, ~3 forwards, per step)"})
+    cross: bool = field(default=False, metadata={"help": "at recorded steps, split each probe's <g, dtheta> over the step's training pairs with the probe x training cross-Gram (contributions.parquet)"})
 
     def __post_init__(self):
-        for name in ("in_run", "in_run_update"):
+        for name in ("in_run", "in_run_update", "cross"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.in_run_update and not self.in_run:
@@ -129,6 +142,13 @@ class Recorder:
     ``ref_w, ref_l``, e.g. from `dynamics.core.logprobs.reference_logprobs`). ``loss``,
     ``loss_params``: the training's loss (its ``d_w, d_l`` are recorded); ``lr``: the η of the
     SGD-form prediction when `before_update` is not given the optimizer's current one.
+
+    ``cfg.cross``: at each recorded step also the per-training-pair split of ``upd``
+    (`dynamics.core.contrib.training_pair_contributions`, docs/math.md §4.1) into
+    ``contributions.parquet`` and the ``contrib_*`` columns of ``records.parquet``. Its cost per
+    recorded step: one Gram of the 2n probe + 2B training sequences, and for an optimizer other than
+    plain SGD (Adam, AdamW, several learning rates, θ wider than the trained parameters) B backwards
+    on 2 sequences and B jvps over the 2n probe sequences.
     """
 
     def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig,
@@ -162,18 +182,36 @@ class Recorder:
         return dict(lw=lw, ll=ll, lw_norm=out.chosen.logp_norm.double(), ll_norm=out.rejected.logp_norm.double(),
                     nw=nw, nl=nl, dtype=dtype)
 
+    def _snapshot(self) -> dict:
+        """θ_s: the selected parameters and every trainable one (all that the step may move, so
+        that the measurements of `after_update` at θ_s see the whole model at θ_s)."""
+        keep = {**select_params(self.model, "trainable"), **self.analyzer.params}
+        return conditions.snapshot_params(self.model, keep)
+
     @_no_autocast
-    def before_update(self, step: int, lr: float | None = None) -> None:
-        """Measure θ_s: log-probs, coefficients, gradient inner products, predictions; snapshot θ."""
+    def before_update(self, step: int, lr: float | None = None, *,
+                      train_batch: TrainingBatch | list[TrainingBatch] | None = None) -> None:
+        """Measure θ_s: log-probs, coefficients, gradient inner products, predictions; snapshot θ.
+
+        ``train_batch`` (needed with ``cfg.cross``, ignored otherwise): the step's training pairs and
+        their ``c_w = ∂L/∂lw``, ``c_l = ∂L/∂ll`` (`dynamics.core.contrib.TrainingBatch`), or a list
+        of them, one per micro-batch."""
         cfg = self.cfg
         lr = self.lr if lr is None else lr
+        batch = None
+        if cfg.cross:
+            if train_batch is None:
+                raise InputError("cross=True: before_update needs train_batch=TrainingBatch(pairs, c_w, c_l) "
+                                 "(or a list, one per micro-batch): the training pairs of this step and "
+                                 "their dL/dlogp")
+            batch = TrainingBatch.concat(train_batch)
         st = self._state()
         rw, rl = self.ref_w.double(), self.ref_l.double()
         lo = compute_loss(self.loss, st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], **self.loss_params)
         ip = {k: v.double().cpu() for k, v in self.analyzer.pair_inner_products(self.probe).items()}
         pred = conditions.predict(lo.d_w, lo.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
-        snapshot = self.analyzer.snapshot()
-        self._pending = dict(step=step, lr=lr, st=st, lo=lo, ip=ip, pred=pred, snapshot=snapshot)
+        snapshot = self._snapshot()
+        self._pending = dict(step=step, lr=lr, st=st, lo=lo, ip=ip, pred=pred, snapshot=snapshot, batch=batch)
         if cfg.whatif:
             wi = conditions.what_if(st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], ip["ip_wl"], ip["sq_w"],
                                     ip["sq_l"], lr=lr, pair_ids=self.probe.pair_ids)
@@ -208,18 +246,44 @@ class Recorder:
 
     # ------------------------------------------------------------------ after the update
     @_no_autocast
-    def after_update(self) -> dict[str, float]:
-        """Measure θ_{s+1}; write the rows of step s. Returns scalar summaries for loggers."""
+    def after_update(self, optimizer=None) -> dict[str, float]:
+        """Measure θ_{s+1}; write the rows of step s. Returns scalar summaries for loggers.
+
+        ``upd = ⟨g(θ_s), Δθ⟩`` is measured with θ_s put back into the model for the jvp and θ_{s+1}
+        restored bit for bit. ``optimizer`` (needed with ``cfg.cross``): the optimizer that has just
+        made the step, before any lr scheduler step (its state gives U, §4.1)."""
         if self._pending is None:
             raise RuntimeError("after_update() without before_update()")
+        if self.cfg.cross and optimizer is None:
+            self._pending = None
+            raise InputError("cross=True: after_update needs optimizer= (the optimizer that made the step; "
+                             "its state gives the update map of the per-training-pair split)")
         p, self._pending = self._pending, None
-        delta = self.analyzer.delta(p["snapshot"])
-        upd = self.analyzer.update_effects(self.probe.chosen + self.probe.rejected, delta).double().cpu()
+        seqs = self.probe.chosen + self.probe.rejected
+        delta = self.analyzer.delta({n: p["snapshot"][n] for n in self.analyzer.params})
+        cross = None
+        if self.cfg.cross:
+            umap = update_map(optimizer, self.analyzer.params)
+        with parameters_at(self.model, p["snapshot"]):                          # θ_s; θ_{s+1} back after
+            if self.cfg.cross:
+                cross = training_pair_contributions(self.model, seqs, p["batch"], umap, delta,
+                                                    params=self.analyzer.params, impl=self.cfg.impl,
+                                                    chunk_size=self.cfg.token_chunk)
+                upd = cross.upd
+            else:
+                upd = self.analyzer.update_effects(seqs, delta).double().cpu()
         B = len(self.probe)
         new = self._state()
         act_dw, act_dl = new["lw"] - p["st"]["lw"], new["ll"] - p["st"]["ll"]
-        rows = self._rows(p, upd_dw=upd[:B], upd_dl=upd[B:], act_dw=act_dw, act_dl=act_dl)
+        changes = dict(upd_dw=upd[:B], upd_dl=upd[B:], act_dw=act_dw, act_dl=act_dl)
+        if cross is not None:
+            total = cross.contrib.sum(1)
+            changes.update(contrib_sum_w=total[:B], contrib_sum_l=total[B:], contrib_resid_w=cross.residual[:B],
+                           contrib_resid_l=cross.residual[B:])
+        rows = self._rows(p, **changes)
         self.run.append("records", rows)
+        if cross is not None:
+            self.run.append("contributions", self._contribution_rows(p["step"], p["batch"], cross))
         if "whatif" in p:
             self.run.append("whatif", p["whatif"].to_dict("records"))
         tok_rows = [r for rows_k in p["token"] for r in rows_k]
@@ -227,11 +291,19 @@ class Recorder:
             self.run.append("token_decomp", tok_rows)
         if p["probes"]:
             self.run.append("probes", p["probes"])
-        df = pd.DataFrame(rows)
-        return {"dyn/cos_wl": float(df.cos_wl.mean()), "dyn/logp_w": float(df.logp_w.mean()),
-                "dyn/logp_l": float(df.logp_l.mean()), "dyn/act_dw": float(df.act_dw.mean()),
-                "dyn/act_dl": float(df.act_dl.mean()), "dyn/upd_dw": float(df.upd_dw.mean()),
-                "dyn/frac_case2": float((df.case_obs == 2).mean())}
+        return probe_summary(rows)
+
+    def _contribution_rows(self, step: int, batch: TrainingBatch, cross) -> list[dict]:
+        """One row per probe pair × response × training pair (``contributions.parquet``)."""
+        n, B = len(self.probe), len(batch)
+        rows = []
+        for o in range(2 * n):
+            pid, response = self.probe.pair_ids[o % n], "chosen" if o < n else "rejected"
+            for u, tid in enumerate(batch.pairs.pair_ids):
+                rows.append(dict(step=step, pair_id=pid, response=response, train_pair=str(tid),
+                                 k_w=float(cross.K[o, u]), k_l=float(cross.K[o, B + u]), c_w=float(cross.c_w[u]),
+                                 c_l=float(cross.c_l[u]), contribution=float(cross.contrib[o, u])))
+        return rows
 
     @_no_autocast
     def final(self, step: int) -> None:
@@ -268,6 +340,30 @@ class Recorder:
                 row.update({k2: float(v[k]) for k2, v in changes.items()}, case_obs=int(obs[k]))
             rows.append(row)
         return rows
+
+
+def probe_summary(rows: list[dict]) -> dict[str, float]:
+    """Scalar summaries for loggers of one recorded step's ``records`` rows (`Recorder.after_update`):
+    means over the probe pairs (``dyn/cos_wl``, ``dyn/logp_w``, ...; ``dyn/contrib_*`` with ``cross``)."""
+    df = pd.DataFrame(rows)
+    out = {"dyn/cos_wl": float(df.cos_wl.mean()), "dyn/logp_w": float(df.logp_w.mean()),
+           "dyn/logp_l": float(df.logp_l.mean()), "dyn/act_dw": float(df.act_dw.mean()),
+           "dyn/act_dl": float(df.act_dl.mean()), "dyn/upd_dw": float(df.upd_dw.mean()),
+           "dyn/frac_case2": float((df.case_obs == 2).mean())}
+    if "contrib_sum_w" in df:
+        out.update({"dyn/contrib_sum_w": float(df.contrib_sum_w.mean()),
+                    "dyn/contrib_resid_w": float(df.contrib_resid_w.mean())})
+    return out
+
+
+def in_run_summary(rows: list[dict]) -> dict[str, float]:
+    """Scalar summaries for loggers of one step's ``train_records`` rows (`InRunRecorder.end_step`):
+    means over its pairs, NaN entries skipped."""
+    df = pd.DataFrame(rows)
+    return {"inrun/cos_wl": float(df.cos_wl.mean()), "inrun/margin": float(df.margin.mean()),
+            "inrun/pred_dw": float(df.pred_dw.mean()), "inrun/pred_dl": float(df.pred_dl.mean()),
+            "inrun/frac_case2": float((df.case_pred == 2).mean()),
+            "inrun/frac_missing": float(df.missing_reason.notna().mean())}
 
 
 TRAIN_RECORD_COLUMNS = ["step", "micro", "pair_id", "loss", "lr", "loss_value", "logp_w", "logp_l", "logp_w_norm",
@@ -340,9 +436,11 @@ class InRunRecorder:
             self._snapshot = conditions.snapshot_params(self.model, self.capture.params)
 
     def add(self, step: int, pair_ids, *, lw, ll, len_w, len_l, ref_w, ref_l, lr: float, micro: int = 0,
-            lw_norm=None, ll_norm=None, pairs: TokenizedPairs | None = None) -> None:
+            lw_norm=None, ll_norm=None, pairs: TokenizedPairs | None = None, b_opt: float | None = None) -> None:
         """Rows of the micro-batch just captured; ``lw, ll, len_w, len_l, ref_w, ref_l``: (B,) in pair
-        order; ``pairs``: the micro-batch's pairs (needed by ``in_run_update``)."""
+        order; ``pairs``: the micro-batch's pairs (needed by ``in_run_update``). ``b_opt``: when
+        given, ``d_w = −c_w·b_opt, d_l = c_l·b_opt`` from the captured scales (the coefficients the
+        trainer's own loss applied, L = Σ_k ℓ_k / b_opt) instead of those of the run's ``loss``."""
         if self.cfg.in_run_update:
             if pairs is None or self._snapshot is None:
                 raise RuntimeError("in_run_update: call begin_step() before the step and pass add(..., pairs=)")
@@ -351,7 +449,8 @@ class InRunRecorder:
         as64 = lambda t: torch.as_tensor(t).detach().double().cpu()
         lw, ll, nw, nl, rw, rl = (as64(t) for t in (lw, ll, len_w, len_l, ref_w, ref_l))
         lo = compute_loss(self.loss, lw, ll, rw, rl, nw, nl, **self.loss_params)
-        pred = predict_with_missing(lo.d_w, lo.d_l, prod.ip_wl, prod.sq_w, prod.sq_l, lr=lr)
+        d_w, d_l = (lo.d_w, lo.d_l) if b_opt is None else (-prod.c_w * b_opt, prod.c_l * b_opt)
+        pred = predict_with_missing(d_w, d_l, prod.ip_wl, prod.sq_w, prod.sq_l, lr=lr)
         lw_norm = lw / nw if lw_norm is None else as64(lw_norm)
         ll_norm = ll / nl if ll_norm is None else as64(ll_norm)
         margin = (lw - rw) - (ll - rl)
@@ -360,7 +459,7 @@ class InRunRecorder:
                 step=step, micro=micro, pair_id=str(pid), loss=self.loss, lr=float(lr), loss_value=float(lo.loss[k]),
                 logp_w=float(lw[k]), logp_l=float(ll[k]), logp_w_norm=float(lw_norm[k]), logp_l_norm=float(ll_norm[k]),
                 ref_w=float(rw[k]), ref_l=float(rl[k]), len_w=int(nw[k]), len_l=int(nl[k]), margin=float(margin[k]),
-                reward_acc=bool(margin[k] > 0), d_w=float(lo.d_w[k]), d_l=float(lo.d_l[k]),
+                reward_acc=bool(margin[k] > 0), d_w=float(d_w[k]), d_l=float(d_l[k]),
                 c_w=float(prod.c_w[k]), c_l=float(prod.c_l[k]), ip_wl=float(prod.ip_wl[k]), sq_w=float(prod.sq_w[k]),
                 sq_l=float(prod.sq_l[k]), cos_wl=float(prod.cos_wl[k]), pred_dw=float(pred["dlogp_w"][k]),
                 pred_dl=float(pred["dlogp_l"][k]), thr_w=float(pred["thr_w"][k]), thr_l=float(pred["thr_l"][k]),
@@ -379,11 +478,7 @@ class InRunRecorder:
         self._steps_buffered += 1
         if self._steps_buffered >= self.flush_every:
             self.flush()
-        df = pd.DataFrame(rows)
-        return {"inrun/cos_wl": float(df.cos_wl.mean()), "inrun/margin": float(df.margin.mean()),
-                "inrun/pred_dw": float(df.pred_dw.mean()), "inrun/pred_dl": float(df.pred_dl.mean()),
-                "inrun/frac_case2": float((df.case_pred == 2).mean()),
-                "inrun/frac_missing": float(df.missing_reason.notna().mean())}
+        return in_run_summary(rows)
 
     def _update_effects(self, rows: list[dict]) -> None:
         """``upd_dw, upd_dl`` of the step's rows: ⟨g(θ_s), Δθ⟩ by one jvp at θ_s, θ_{s+1} restored."""

@@ -9,6 +9,9 @@ predicted and actual changes, what-if table, token Grams) into the run directory
 ``recorder.in_run`` a `dynamics.runs.recorder.InRunRecorder` also records, at every step, the
 pairs being trained on (``train_records.parquet``), from hooks on the training backward itself.
 
+Launched by ``torchrun`` with several processes, the same run is trained with DDP and recorded by
+all ranks, and rank 0 writes the same run directory as one process (`dynamics.runs.distributed`).
+
 Checkpoints (``checkpoint/``: trainable parameters, optimizer state, step) are written
 atomically every ``save_every`` steps; ``resume=True`` continues from the last one and drops
 the rows recorded after it, so a run killed at any moment (even by SIGKILL) resumes without
@@ -36,15 +39,17 @@ from pathlib import Path
 
 import torch
 
-from dynamics.core.logprobs import TokenizedPairs, pair_logprobs, sequence_logprobs, tokenize_pairs
+from dynamics.core.contrib import TrainingBatch
+from dynamics.core.logprobs import TokenizedPairs, sequence_logprobs, tokenize_pairs
 from dynamics.core.losses import compute_loss, get_loss, resolve_hyper
 from dynamics.core.probes import build_probe_sets
 from dynamics.errors import InputError
 from dynamics.inputs import data as data_mod
 from dynamics.inputs.models import check_device, check_model_name, load_model
+from dynamics.runs import distributed
 from dynamics.runs.checkpoints import (checkpoint_file, copy_params, load_checkpoint, load_plain, read_checkpoint,
                                        save_checkpoint)
-from dynamics.runs.recorder import InRunRecorder, Recorder, RecorderConfig
+from dynamics.runs.recorder import InRunRecorder, RecorderConfig
 from dynamics.runs.rundir import (RunDir, atomic_write_bytes, cached_reference_logprobs, move_aside, out_dir_state,
                                   run_files, to_jsonable, upgrade_config)
 
@@ -372,42 +377,53 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     `RunInterrupted` (where the run stopped, how to resume).
     """
     where: dict = {}  # "run": the RunDir once created
-    try:
-        return _train(cfg, model, tokenizer, where)
-    except KeyboardInterrupt:
-        raise _interrupted(cfg, where.get("run")) from None
+    # under torchrun (WORLD_SIZE > 1): one process per rank, DDP (`dynamics.runs.distributed`)
+    with distributed.process_group_from_env(cfg.device):
+        try:
+            return _train(cfg, model, tokenizer, where)
+        except KeyboardInterrupt:
+            raise _interrupted(cfg, where.get("run")) from None
 
 
 def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     from tqdm.auto import tqdm
 
 
-    # ---- validate everything before writing anything
-    out = Path(cfg.out)
-    out_state, ckpt_file, ckpt_state = _check_out_dir(cfg)
-    train_pairs, probe_pairs = split_config_pairs(cfg)
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device, seed=cfg.seed)
-    kw = dict(max_length=cfg.max_length)
-    train_tp, probe_tp = tokenize_pairs(tokenizer, train_pairs, **kw), tokenize_pairs(tokenizer, probe_pairs, **kw)
-    if len(train_tp) < cfg.batch_size:
-        raise ValueError(f"{len(train_tp)} training pairs are fewer than batch_size={cfg.batch_size}")
-    sft_file = out / "sft_model.pt"
-    sft_state = None
-    if cfg.sft_steps and cfg.resume:  # the reference is the post-SFT model: it must be restorable
-        if not sft_file.is_file():
-            raise InputError(f"--resume: {sft_file} is missing, so the post-SFT reference model cannot be restored; "
-                             f"start the run again with --overwrite")
-        sft_state = load_plain(sft_file, "SFT model state")
-        if not (isinstance(sft_state, dict) and all(isinstance(v, torch.Tensor) for v in sft_state.values())):
-            raise InputError(f"{sft_file} is not an SFT model state (a dict of parameter tensors)")
+    # ---- validate everything before writing anything; in a multi-process run every rank
+    # validates, and if one fails all do (distributed.agree) before rank 0 writes anything
+    world = distributed.world()
+    failed = None
+    try:
+        out = Path(cfg.out)
+        out_state, ckpt_file, ckpt_state = _check_out_dir(cfg)
+        distributed.check_batch(cfg.batch_size, cfg.grad_accum, world)
+        train_pairs, probe_pairs = split_config_pairs(cfg)
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.dtype], seed=cfg.seed,
+                                          device=distributed.rank_device(cfg.device, world))  # cuda: one GPU per rank
+        kw = dict(max_length=cfg.max_length)
+        train_tp, probe_tp = tokenize_pairs(tokenizer, train_pairs, **kw), tokenize_pairs(tokenizer, probe_pairs, **kw)
+        if len(train_tp) < cfg.batch_size:
+            raise ValueError(f"{len(train_tp)} training pairs are fewer than batch_size={cfg.batch_size}")
+        sft_file = out / "sft_model.pt"
+        sft_state = None
+        if cfg.sft_steps and cfg.resume:  # the reference is the post-SFT model: it must be restorable
+            if not sft_file.is_file():
+                raise InputError(f"--resume: {sft_file} is missing, so the post-SFT reference model cannot be restored; "
+                                 f"start the run again with --overwrite")
+            sft_state = load_plain(sft_file, "SFT model state")
+            if not (isinstance(sft_state, dict) and all(isinstance(v, torch.Tensor) for v in sft_state.values())):
+                raise InputError(f"{sft_file} is not an SFT model state (a dict of parameter tensors)")
+    except Exception as e:
+        failed = e
+    distributed.agree(failed)
 
-    # ---- write
-    if out_state == "run" and cfg.overwrite:
+    # ---- write (rank 0 only: the other ranks' run directory is a `distributed.ReplicaRunDir`)
+    if out_state == "run" and cfg.overwrite and world.is_main:
         aside = move_aside(out)
         print(f"--overwrite: moved the existing run {out} aside to {aside}", file=sys.stderr)
-    run = RunDir(out)
+    run = distributed.run_dir(out, world)
     where["run"] = run
     if not cfg.resume:
         run.write_config(cfg, writer=WRITER)
@@ -416,11 +432,11 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     t0 = time.time()
     if sft_state is not None:
         copy_params(sft_file, sft_state, dict(model.named_parameters()))
-    elif cfg.sft_steps:
+    elif cfg.sft_steps:  # multi-process: every rank runs the same SFT (no communication, identical replicas)
         sft_losses = supervised_finetune(model, train_tp, steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
-                         seed=cfg.seed, progress=cfg.progress)
+                         seed=cfg.seed, progress=cfg.progress and world.is_main)
         run.append("sft", [dict(step=i + 1, nll=v) for i, v in enumerate(sft_losses)])
-        if cfg.save_every:
+        if cfg.save_every and world.is_main:
             sft_params = {n: p.detach().cpu() for n, p in model.named_parameters()}
             atomic_write_bytes(sft_file, lambda f: torch.save(sft_params, f))
     if cfg.lora_r:
@@ -430,71 +446,88 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     # keyed on the model's weights (after SFT / LoRA) and on everything else they depend on.
     context = dict(model=cfg.model, tokenizer=_tokenizer_fingerprint(tokenizer), truncation=kw,
                    dtype=cfg.dtype, device=cfg.device)
-    ref_train = cached_reference_logprobs(model, train_tp, run.path / "ref_train.parquet", context=context)
-    ref_probe = cached_reference_logprobs(model, probe_tp, run.path / "ref_probe.parquet", context=context)
+    # (multi-process: rank 0 computes and caches them, every rank receives them)
+    ref_train = distributed.on_main(
+        lambda: cached_reference_logprobs(model, train_tp, run.path / "ref_train.parquet", context=context))
+    ref_probe = distributed.on_main(
+        lambda: cached_reference_logprobs(model, probe_tp, run.path / "ref_probe.parquet", context=context))
     opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.lr,
                           cfg.weight_decay)
     start = 0
     if cfg.resume:
         start = load_checkpoint(ckpt_file.parent, model, opt, ckpt_state)
         run.write_config(cfg, writer=WRITER)  # the same configuration, with the new step count
-        for table in ("records", "whatif", "token_decomp", "probes", InRunRecorder.TABLE):  # rows of steps >= start are redone
+        for table in ("records", "whatif", "token_decomp", "probes", "contributions",
+                      InRunRecorder.TABLE):  # rows of steps >= start are redone
             run.truncate_after(table, start - 1)
         run.truncate_after("train", start)
-    rec = Recorder(model, probe_tp, ref_probe, run, cfg.recorder, loss=cfg.loss, loss_params=cfg.loss_params,
-                   lr=cfg.lr, tokenizer=tokenizer,
+    # multi-process: each rank records its block of the probe pairs, rank 0 writes them all
+    rec = distributed.make_recorder(world, model, probe_tp, ref_probe, run, cfg.recorder, loss=cfg.loss,
+                   loss_params=cfg.loss_params, lr=cfg.lr, tokenizer=tokenizer,
                    probe_sets=build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed=cfg.seed)
                    if cfg.recorder.probes else None)
     batches = _batches(len(train_tp), cfg.batch_size, cfg.seed)
     for _ in range(start):  # the same batch sequence as an uninterrupted run
         next(batches)
-    micro = cfg.batch_size // cfg.grad_accum
     # in_run: every step's training pairs, measured on the training backward (train_records.parquet)
-    inrun = (InRunRecorder(model, run, cfg.recorder, loss=cfg.loss, loss_params=cfg.loss_params)
-             if cfg.recorder.in_run else None)
-    model.train()
+    inrun = (distributed.make_in_run_recorder(world, model, run, cfg.recorder, loss=cfg.loss,
+                                              loss_params=cfg.loss_params) if cfg.recorder.in_run else None)
+    fw = distributed.training_forward(model, world)  # fw(pairs) = pair_logprobs(model, pairs), DDP-wrapped if needed
+    fw.train()  # and the model
     try:
-        for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress, initial=start,
-                         total=cfg.steps):
+        for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress or not world.is_main,
+                         initial=start, total=cfg.steps):
             idx = next(batches)
             t_step = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             total = 0.0
             if inrun is not None:
                 inrun.begin_step()
-            for k_micro, lo_i in enumerate(range(0, len(idx), micro)):
-                sub = idx[lo_i:lo_i + micro]
+            # cross: the step's training pairs and dL/dlw, dL/dll for the per-pair split (§4.1)
+            cross = [] if cfg.recorder.cross and cfg.recorder.due(step) else None
+            # micro-batches of grad_accum; multi-process: this rank's share of each
+            for k_micro, sub in enumerate(distributed.rank_micro_batches(idx, cfg.grad_accum, world)):
                 sub_tp = train_tp.subset(sub)
-                with inrun.micro_batch() if inrun else contextlib.nullcontext() as cap:
-                    out = pair_logprobs(model, sub_tp)
-                    lw, ll = out.chosen.logp, out.rejected.logp
-                    if cap is not None:
-                        cap.watch(lw, ll)
-                    ref_w, ref_l = _ref_tensors(ref_train, sub, lw.dtype, lw.device)
-                    try:
-                        lo = compute_loss(cfg.loss, lw, ll, ref_w, ref_l, out.chosen.lengths.to(lw.dtype),
-                                          out.rejected.lengths.to(lw.dtype), **cfg.loss_params)
-                    except ValueError as e:  # NaN/inf: stop, naming the step; earlier rows are on disk
-                        raise ValueError(f"step {step}: {e}") from e
-                    loss = lo.loss.sum() / len(idx)  # mean over the whole optimizer batch
+                with inrun.micro_batch() if inrun else contextlib.nullcontext() as cap, \
+                        distributed.gradient_sync(fw, k_micro == cfg.grad_accum - 1):
+                    failed = None
+                    try:  # this rank's forward and loss; if one rank fails, all stop before the backward
+                        out = fw(sub_tp)
+                        lw, ll = out.chosen.logp, out.rejected.logp
+                        if cap is not None:
+                            cap.watch(lw, ll)
+                        ref_w, ref_l = _ref_tensors(ref_train, sub, lw.dtype, lw.device)
+                        try:
+                            lo = compute_loss(cfg.loss, lw, ll, ref_w, ref_l, out.chosen.lengths.to(lw.dtype),
+                                              out.rejected.lengths.to(lw.dtype), **cfg.loss_params)
+                        except ValueError as e:  # NaN/inf: stop, naming the step; earlier rows are on disk
+                            raise ValueError(f"step {step}: {e}") from e
+                        # mean over the whole optimizer batch; × processes, as DDP averages their gradients
+                        loss = lo.loss.sum() / len(idx) * world.size
+                    except Exception as e:
+                        failed = e
+                    distributed.agree(failed)
                     loss.backward()
                 total += loss.item()
+                if cross is not None:
+                    cross.append(TrainingBatch(sub_tp, -lo.d_w.detach() / len(idx), lo.d_l.detach() / len(idx)))
                 if inrun is not None:
                     inrun.add(step, sub_tp.pair_ids, lw=lw, ll=ll, len_w=out.chosen.lengths, len_l=out.rejected.lengths,
                               ref_w=ref_w, ref_l=ref_l, lw_norm=out.chosen.logp_norm, ll_norm=out.rejected.logp_norm,
                               lr=cfg.lr, micro=k_micro, pairs=sub_tp)
+            total = distributed.all_mean(total)  # the batch loss (multi-process: of all ranks' shares)
             record, t_rec = cfg.recorder.due(step), 0.0
             if record:
                 t = time.perf_counter()
                 try:
-                    rec.before_update(step)
+                    rec.before_update(step, train_batch=cross)
                 except ValueError as e:
                     raise ValueError(f"step {step}: probe pairs: {e}") from e
                 t_rec += time.perf_counter() - t
             opt.step()
             if record:
                 t = time.perf_counter()
-                rec.after_update()
+                rec.after_update(optimizer=opt)
                 t_rec += time.perf_counter() - t
             if inrun is not None:
                 inrun.end_step()
@@ -504,7 +537,8 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 if inrun is not None:
                     inrun.flush()  # rows up to the checkpoint on disk before it exists
-                save_checkpoint(ckpt, model, opt, step + 1)
+                if world.is_main:
+                    save_checkpoint(ckpt, model, opt, step + 1)
     finally:  # every finished step's rows on disk, also when a step fails or is interrupted
         if inrun is not None:
             inrun.flush()

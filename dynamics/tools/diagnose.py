@@ -47,18 +47,31 @@ through its new ``(d_w, d_l)``:
 
 Tests check these thresholds against `dynamics.core.losses.compute_loss` on the modified loss
 followed by `dynamics.core.conditions.predict` (the predicted change is 0 at the threshold).
+
+Optional tables, each read when present (a section says what is missing and which flag records it):
+
+- ``train_records.parquet`` (``dynamics train --in-run``, the callback's ``in_run``): the *training*
+  pairs of every optimizer step with their own SGD-form step (`train_pair_steps`, `train_step_table`,
+  `train_cos_distribution`, `train_top_falls`, `missing_entries`, `train_summary`): whether the pairs
+  the update is made of are themselves in the gradient-entanglement case (their own chosen falls);
+- ``contributions.parquet`` (``dynamics train --cross``, docs/math.md §4.1): each probe response's
+  ⟨g_o, Δθ⟩ split over the training pairs of the step, ``upd = Σ_u contribution + residual``
+  (`probe_falls`, `fall_contributors`, `train_pair_pushes`, `contribution_split`): for every fall of
+  a probe's chosen log-prob, which training pairs pushed it down, and the split own step / other
+  training pairs / residual (momentum, weight decay, rounding) / beyond first order (act − upd);
+- ``attributions.parquet`` (``dynamics attribute``): integrated-gradients token attributions, each
+  (pair, target) checked for convergence (`attribution_reliability`: |δ| > 0.1·|gap| is not
+  converged, its ranking is shown greyed under a warning).
+
+The page itself is laid out by `dynamics.tools.report_html`: this module computes, that one renders.
 """
 from __future__ import annotations
 
-import base64
-import html
 import importlib.metadata
-import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -67,14 +80,20 @@ from dynamics.core.conditions import CASES
 from dynamics.core.losses import LOSSES, resolve_hyper
 from dynamics.errors import InputError
 from dynamics.runs.rundir import RunDir, atomic_write_bytes, read_config
+from dynamics.tools import report_html as H
+from dynamics.tools.report_html import Report, Section, fmt_frac, fmt_num
 
 __all__ = [
-    "SECTION_IDS", "SCREEN_SECTION_IDS", "screen_report", "CAUSES", "REMEDY_COLUMNS", "Section", "Report", "RunData", "load_run", "build_report", "diagnose",
+    "SECTION_IDS", "SCREEN_SECTION_IDS", "screen_report", "CAUSES", "REMEDY_COLUMNS", "ATTRIBUTION_TOLERANCE",
+    "Section", "Report", "RunData", "load_run", "build_report", "diagnose",
     "pair_steps", "pair_changes", "intervals", "falling_ranges", "case_table", "verdict", "drivers",
     "screen_correlations", "token_segments", "whatif_summary", "nll_lambda", "dpop_lambda", "remedies",
+    "train_pair_steps", "train_step_table", "train_cos_distribution", "train_top_falls", "missing_entries",
+    "train_summary", "probe_falls", "fall_contributors", "train_pair_pushes", "contribution_split",
+    "attribution_reliability", "top_attributions",
 ]
 
-SECTION_IDS = ("verdict", "drivers", "tokens", "whatif", "remedies", "config")
+SECTION_IDS = ("verdict", "drivers", "contributions", "inrun", "tokens", "whatif", "remedies", "config")
 """The ``id`` of every section of the report, in page order."""
 
 CAUSES = {
@@ -92,7 +111,15 @@ CAUSE_SHORT = {"own": "the pair's own gradient", "others": "the rest of the upda
 GRAD_COLUMNS = ("ip_wl", "sq_w", "sq_l", "cos_wl", "pred_dw", "pred_dl", "thr_w", "thr_l", "case_pred")
 UPDATE_COLUMNS = ("upd_dw", "upd_dl", "act_dw", "act_dl", "case_obs")
 STATE_COLUMNS = ("logp_w", "logp_l", "ref_w", "ref_l", "len_w", "len_l", "margin", "d_w", "d_l", "lr")
+CONTRIB_COLUMNS = ("contrib_sum_w", "contrib_sum_l", "contrib_resid_w", "contrib_resid_l")
+TRAIN_EXTRA_COLUMNS = ("micro", "c_w", "c_l", "upd_dw", "upd_dl")
 REQUIRED_COLUMNS = ("step", "pair_id", "logp_w", "logp_l")
+OPTIONAL_REQUIRED = {"train_records": ("step", "pair_id", "pred_dw", "case_pred"),
+                     "contributions": ("step", "pair_id", "response", "train_pair", "contribution"),
+                     "attributions": ("pair_id", "token", "attribution")}
+"""Columns without which an optional table is not shown (a note says so)."""
+ATTRIBUTION_TOLERANCE = 0.1
+"""An attribution has not converged when captum's |δ| > ATTRIBUTION_TOLERANCE · |f(x) − f(baseline)|."""
 BETA_FREE = {"dpo": "β", "rdpo": "β or α", "simpo": "β or γ"}  # d_w/d_l does not depend on these
 NLL_LOSSES = ("cpo", "rrhf", "slic", "sft")  # losses with a −λ·lw (or −λ·lw/|y_w|) term of weight lam (sft: 1)
 
@@ -102,7 +129,8 @@ NLL_LOSSES = ("cpo", "rrhf", "slic", "sft")  # losses with a −λ·lw (or −λ
 @dataclass
 class RunData:
     """Everything the report reads from a run directory. Optional tables are None when absent;
-    ``notes`` holds problems with optional inputs (e.g. a damaged optional table)."""
+    ``notes`` holds problems with optional inputs (e.g. a damaged optional table), ``table_notes``
+    the same by table name."""
 
     path: Path
     config: dict
@@ -113,7 +141,10 @@ class RunData:
     screen: pd.DataFrame | None = None
     attributions: pd.DataFrame | None = None
     train: pd.DataFrame | None = None
+    train_records: pd.DataFrame | None = None
+    contributions: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    table_notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def loss(self) -> str:
@@ -146,11 +177,18 @@ def load_run(run_dir: str | Path) -> RunData:
         raise InputError(f"{path / 'records.parquet'} lacks the columns {missing}; it was not written by the "
                          f"dynamics recorder")
     data = RunData(path=path, config=config, records=records)
-    for name in ("whatif", "token_decomp", "screen", "attributions", "train"):
+    for name in ("whatif", "token_decomp", "screen", "attributions", "train", "train_records", "contributions"):
         try:
             table = run.table(name)
         except InputError as e:
             data.notes.append(str(e))
+            data.table_notes[name] = str(e)
+            continue
+        lacks = [c for c in OPTIONAL_REQUIRED.get(name, ()) if c not in table]
+        if not table.empty and lacks:
+            note = f"{path / (name + '.parquet')} lacks the columns {lacks}; it is not shown"
+            data.notes.append(note)
+            data.table_notes[name] = note
             continue
         setattr(data, name, None if table.empty else table)
     data.token_grams = sorted((path / "token_grams").glob("step*.npz"))
@@ -160,7 +198,7 @@ def load_run(run_dir: str | Path) -> RunData:
 def _prepared(records: pd.DataFrame) -> pd.DataFrame:
     """A copy with every column the report reads (missing ones NaN), sorted by step and pair."""
     df = records.copy()
-    for c in (*STATE_COLUMNS, *GRAD_COLUMNS, *UPDATE_COLUMNS):
+    for c in (*STATE_COLUMNS, *GRAD_COLUMNS, *UPDATE_COLUMNS, *CONTRIB_COLUMNS):
         if c not in df:
             df[c] = np.nan
     df["pair_id"] = df["pair_id"].astype(str)
@@ -168,6 +206,17 @@ def _prepared(records: pd.DataFrame) -> pd.DataFrame:
 
 
 # ============================================================================ pure analyses
+
+def _eq9(g: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(entangled, cos_thr_w)`` of rows with ``ip_wl, thr_w, d_l, sq_w, sq_l``: eq. 9 violated
+    (``ip > thr_w``, ``<`` when ``d_l < 0``; False where NaN) and its threshold in cosine units."""
+    ip, thr, d_l = g["ip_wl"].to_numpy(float), g["thr_w"].to_numpy(float), g["d_l"].to_numpy(float)
+    entangled = np.where(d_l < 0, ip < thr, ip > thr)
+    norm = np.sqrt(g["sq_w"].to_numpy(float) * g["sq_l"].to_numpy(float))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos_thr = np.where(np.isfinite(thr) & (norm > 0), thr / norm, np.sign(thr) * np.inf)
+    return entangled, cos_thr
+
 
 def pair_steps(records: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``records`` with recorded gradients (``ip_wl`` and ``thr_w`` not NaN), one per
@@ -181,11 +230,7 @@ def pair_steps(records: pd.DataFrame) -> pd.DataFrame:
     """
     df = _prepared(records)
     g = df[df["ip_wl"].notna() & df["thr_w"].notna()].reset_index(drop=True)
-    ip, thr, d_l = g["ip_wl"].to_numpy(float), g["thr_w"].to_numpy(float), g["d_l"].to_numpy(float)
-    g["entangled"] = np.where(d_l < 0, ip < thr, ip > thr)                       # eq. 9 violated
-    norm = np.sqrt(g["sq_w"].to_numpy(float) * g["sq_l"].to_numpy(float))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g["cos_thr_w"] = np.where(np.isfinite(thr) & (norm > 0), thr / norm, np.sign(thr) * np.inf)
+    g["entangled"], g["cos_thr_w"] = _eq9(g)
     act, upd, pred = (g[c].to_numpy(float) for c in ("act_dw", "upd_dw", "pred_dw"))
     fell = act < 0
     g["cause"] = np.select([~fell, np.isnan(upd), upd >= 0, pred < 0], ["", "unknown", "curvature", "own"],
@@ -259,26 +304,22 @@ def case_table(records: pd.DataFrame) -> pd.DataFrame:
     return tab
 
 
-def _frac(k: int, n: int) -> str:
-    return f"{k}/{n} ({100.0 * k / n:.0f}%)" if n else f"{k}/0"
+_frac, _num = fmt_frac, fmt_num
 
 
-def _num(x: Any, digits: int = 4) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(x):
-        return "n/a"
-    return f"{x if x != 0 else 0.0:.{digits}g}"                                  # no "-0"
+def _pct(x: float) -> str:
+    """``x`` as a whole percentage, "n/a" for NaN, never "-0%"."""
+    return "n/a" if x is None or math.isnan(x) else f"{round(100 * x)}%"
 
 
 def _ranges_text(ranges: Sequence[tuple[int, int]]) -> str:
     return ", ".join(f"{a}→{b}" for a, b in ranges)
 
 
-def verdict(records: pd.DataFrame) -> dict:
-    """The answer to "did the chosen log-prob fall, where, and why", from ``records``.
+def verdict(records: pd.DataFrame, *, train_records: pd.DataFrame | None = None,
+            contributions: pd.DataFrame | None = None) -> dict:
+    """The answer to "did the chosen log-prob fall, where, and why", from ``records`` (and, when
+    given, the in-run ``train_records`` and the per-training-pair ``contributions``).
 
     Returns a dict:
 
@@ -295,6 +336,10 @@ def verdict(records: pd.DataFrame) -> dict:
     - ``margin_first``, ``margin_last``, ``margin_change`` (means over pairs), ``frac_case2_pred``,
       ``frac_case2_obs``, ``n_case4_obs``; ``upd_sign_agrees``: share of pair-steps where
       ``sign(upd_dw) = sign(act_dw)`` (how far first order explains the observed change);
+    - ``train``: `train_summary` of ``train_records`` (None without): whether the training pairs
+      themselves are in the gradient-entanglement case;
+    - ``contrib``: `contribution_split` of ``contributions`` (None without): the probes' falls split
+      into own step / other training pairs / residual / beyond first order;
     - ``sufficient`` (bool) and ``conclusions``: sentences with the numbers, the first of them
       saying when the evidence is insufficient.
     """
@@ -333,6 +378,9 @@ def verdict(records: pd.DataFrame) -> dict:
     ua = df.dropna(subset=["upd_dw", "act_dw"])
     v["upd_sign_agrees"] = float((np.sign(ua["upd_dw"]) == np.sign(ua["act_dw"])).mean()) if len(ua) else float("nan")
     v["sufficient"] = len(steps) > 1 and v["n_grad"] > 0
+    v["train"] = None if train_records is None or train_records.empty else train_summary(train_records)
+    v["contrib"] = (None if contributions is None or contributions.empty
+                    else contribution_split(contributions, df))
     v["conclusions"] = _conclusions(v, both_n=len(both), has_upd=bool(df["upd_dw"].notna().any()))
     return v
 
@@ -370,12 +418,12 @@ def _conclusions(v: dict, both_n: int, has_upd: bool) -> list[str]:
                  for c in CAUSES if v["causes"][c]]
         out.append(f"Of the {v['n_fell']} pair-steps where the chosen log-prob fell (act_dw < 0): " + "; ".join(parts)
                    + f". Mostly: {CAUSES[v['primary_cause']]}.")
-        if v["causes"]["others"]:
+        if v["causes"]["others"] and v["contrib"] is None:
             out.append("Note: the probe pairs of `dynamics train` and of the callback are held out from training, so "
                        "a probe pair's own gradient is never part of the real update: pred_dw says what a step on that "
                        "pair alone would do, and a fall 'from the rest of the update' is the training pairs' update "
                        "reaching the probe through shared parameters. Which training pairs pushed it needs the "
-                       "in-run, per-training-pair records.")
+                       "per-training-pair split (`dynamics train --cross`: contributions.parquet).")
         if not has_upd:
             out.append("Insufficient evidence to separate the pair's own gradient from the rest of the update: "
                        "upd_dw = ⟨g_w,Δθ⟩ was not recorded.")
@@ -384,6 +432,17 @@ def _conclusions(v: dict, both_n: int, has_upd: bool) -> list[str]:
                        f"{100 * v['upd_sign_agrees']:.0f}% of pair-steps.")
     elif v["n_grad"] and has_upd:
         out.append("No recorded optimizer step lowered a chosen log-prob (act_dw ≥ 0 everywhere).")
+    if v["contrib"] is not None and v["contrib"]["n_falls"]:
+        out += v["contrib"]["sentences"]
+        if v["contrib"]["held_out"] and v["n_fell"] and v["causes"]["own"]:
+            out.append("Reading the causes above for held-out probe pairs: 'the pair's own gradient' means that a "
+                       "step on the probe itself would lower its chosen log-prob too (its gradients are entangled, "
+                       "eq. 9); the update that lowered it was made of the training pairs, as split here.")
+    if v["train"] is not None:
+        t = v["train"]["sentence"]
+        out.append("Training pairs (train_records.parquet, every optimizer step): " + t[0].lower() + t[1:])
+        if v["train"]["upd_sentence"]:
+            out.append(v["train"]["upd_sentence"])
     return out
 
 
@@ -593,316 +652,394 @@ def remedies(records: pd.DataFrame, loss: str, loss_params: Mapping[str, Any] | 
     return pd.DataFrame(rows, columns=REMEDY_COLUMNS)
 
 
+# ============================================================================ training pairs (in-run)
+
+def train_pair_steps(train_records: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``train_records.parquet`` (one per optimizer step × micro-batch × training pair),
+    sorted by step, micro-batch and pair, every column the report reads present (NaN when not
+    recorded), with added columns:
+
+    - ``cos_thr_w``: eq. 9 in cosine units, ``thr_w/√(‖g_w‖²‖g_l‖²)`` (NaN where ⟨g_w,g_l⟩ is missing);
+    - ``entangled``: eq. 9 violated (as in `pair_steps`; False where ⟨g_w,g_l⟩ is missing);
+    - ``own_fall``: the pair's own SGD-form step with the step's η lowers its chosen log-prob
+      (``pred_dw < 0``; False where pred_dw is NaN). With η > 0 and ⟨g_w,g_l⟩ recorded this is
+      ``entangled``; with d_l = 0 (no gradient to the rejected response) pred_dw is still exact;
+    - ``missing``: an entry is NaN (``missing_reason`` set, or ``case_pred = −1``).
+    """
+    df = train_records.copy()
+    for c in (*STATE_COLUMNS, *GRAD_COLUMNS, *TRAIN_EXTRA_COLUMNS):
+        if c not in df:
+            df[c] = np.nan
+    if "missing_reason" not in df:
+        df["missing_reason"] = None
+    df["pair_id"] = df["pair_id"].astype(str)
+    df = df.sort_values(["step", "micro", "pair_id"], kind="mergesort").reset_index(drop=True)
+    has = (df["ip_wl"].notna() & df["thr_w"].notna() & df["sq_w"].notna() & df["sq_l"].notna()).to_numpy()
+    entangled, cos_thr = _eq9(df)
+    df["cos_thr_w"] = np.where(has, cos_thr, np.nan)
+    df["entangled"] = has & entangled
+    df["own_fall"] = (df["pred_dw"] < 0).to_numpy()
+    df["missing"] = (df["missing_reason"].notna() | (df["case_pred"] < 0)).to_numpy()
+    return df
+
+
+def _cos_rows(tr: pd.DataFrame) -> pd.DataFrame:
+    """Rows of `train_pair_steps` with a cosine and a finite cosine threshold."""
+    return tr[tr["cos_wl"].notna() & np.isfinite(tr["cos_thr_w"].to_numpy(float))]
+
+
+def train_step_table(train_records: pd.DataFrame) -> pd.DataFrame:
+    """Per optimizer step of ``train_records``: ``n_pairs`` (training pair rows), ``n_missing`` (rows
+    with a NaN entry), ``n_case`` (rows with a predicted case), ``frac_case0`` … ``frac_case4``
+    (share of those ``n_case`` in each case of `CASES`, the pair's own SGD-form step: Table 1),
+    ``mean_cos_wl``, ``q10_cos_wl``, ``q90_cos_wl`` (over the rows with a cosine),
+    ``mean_cos_thr_w`` (eq. 9 threshold in cosine form, finite ones), ``frac_above_thr`` (share
+    of the rows with a cosine violating eq. 9), ``frac_own_fall`` (share of the rows with a
+    prediction whose own step lowers the chosen log-prob), ``frac_upd_fall`` (share with
+    ``upd_dw < 0``, only when recorded: ``--in-run-update``) and ``lr``."""
+    tr = train_pair_steps(train_records)
+    has_upd = bool(tr["upd_dw"].notna().any())
+    rows = []
+    for s, g in tr.groupby("step", sort=True):
+        cased = g[g["case_pred"] >= 0]
+        cos = g["cos_wl"].dropna()
+        thr = _cos_rows(g)
+        pred = g[g["pred_dw"].notna()]
+        row = dict(step=int(s), n_pairs=len(g), n_missing=int(g["missing"].sum()), n_case=len(cased))
+        for c in CASES:
+            row[f"frac_case{c}"] = float((cased["case_pred"] == c).mean()) if len(cased) else float("nan")
+        row.update(mean_cos_wl=float(cos.mean()) if len(cos) else float("nan"),
+                   q10_cos_wl=float(cos.quantile(0.1)) if len(cos) else float("nan"),
+                   q90_cos_wl=float(cos.quantile(0.9)) if len(cos) else float("nan"),
+                   mean_cos_thr_w=float(thr["cos_thr_w"].mean()) if len(thr) else float("nan"),
+                   frac_above_thr=float(g.loc[g["cos_thr_w"].notna(), "entangled"].mean())
+                   if g["cos_thr_w"].notna().any() else float("nan"),
+                   frac_own_fall=float(pred["own_fall"].mean()) if len(pred) else float("nan"))
+        if has_upd:
+            upd = g["upd_dw"].dropna()
+            row["frac_upd_fall"] = float((upd < 0).mean()) if len(upd) else float("nan")
+        row["lr"] = float(g["lr"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def train_cos_distribution(train_records: pd.DataFrame) -> pd.DataFrame:
+    """Quantiles over all training pair-steps (with a cosine and a finite threshold) of
+    ``cos_wl``, of the eq. 9 threshold ``cos_thr_w`` and of the excess ``±(cos_wl − cos_thr_w)``
+    (sign flipped where d_l < 0, so that > 0 ⇔ eq. 9 violated ⇔ the pair's own gradient lowers
+    its chosen log-prob). Index: the three names; columns ``n, mean, min, q10, median, q90, max,
+    frac_positive``."""
+    g = _cos_rows(train_pair_steps(train_records))
+    sign = np.where(g["d_l"].to_numpy(float) < 0, -1.0, 1.0)
+    series = {"cos_wl": g["cos_wl"].astype(float), "cos_thr_w": g["cos_thr_w"].astype(float),
+              "excess (cos_wl − cos_thr_w; > 0: own chosen falls)":
+                  pd.Series(sign * (g["cos_wl"].to_numpy(float) - g["cos_thr_w"].to_numpy(float)))}
+    rows = {}
+    for name, x in series.items():
+        x = x.dropna()
+        q = x.quantile([0.0, 0.1, 0.5, 0.9, 1.0]).to_numpy() if len(x) else [float("nan")] * 5
+        rows[name] = dict(n=len(x), mean=float(x.mean()) if len(x) else float("nan"), min=q[0], q10=q[1],
+                          median=q[2], q90=q[3], max=q[4],
+                          frac_positive=float((x > 0).mean()) if len(x) else float("nan"))
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def train_top_falls(train_records: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The ``k`` training pair-steps whose own SGD-form step lowers the chosen log-prob most
+    (``pred_dw < 0``, most negative first; ties in step, micro-batch, pair order). Columns
+    ``step, micro, pair_id, pred_dw, pred_dl, case_pred, cos_wl, cos_thr_w, d_w, d_l, margin,
+    logp_w`` (+ ``upd_dw`` when recorded)."""
+    tr = train_pair_steps(train_records)
+    top = tr[tr["own_fall"]].sort_values("pred_dw", kind="mergesort").head(k)
+    cols = ["step", "micro", "pair_id", "pred_dw", "pred_dl", "case_pred", "cos_wl", "cos_thr_w", "d_w", "d_l",
+            "margin", "logp_w"] + (["upd_dw"] if tr["upd_dw"].notna().any() else [])
+    out = top[cols].reset_index(drop=True)
+    out["case_pred"] = out["case_pred"].astype(int)
+    return out
+
+
+def missing_entries(train_records: pd.DataFrame) -> pd.DataFrame:
+    """The training pair-steps with a NaN entry, by ``missing_reason``: ``n``, ``first_step``,
+    ``last_step`` and up to five ``pair@step`` examples."""
+    tr = train_pair_steps(train_records)
+    m = tr[tr["missing"]].assign(reason=lambda d: d["missing_reason"].fillna("(no reason recorded)").astype(str))
+    rows = []
+    for reason, g in m.groupby("reason", sort=True):
+        ex = [f"{r.pair_id}@{int(r.step)}" for r in g.head(5).itertuples()]
+        rows.append(dict(missing_reason=reason, n=len(g), first_step=int(g["step"].min()),
+                         last_step=int(g["step"].max()), examples=", ".join(ex) + (" …" if len(g) > 5 else "")))
+    return pd.DataFrame(rows, columns=["missing_reason", "n", "first_step", "last_step", "examples"])
+
+
+def train_summary(train_records: pd.DataFrame) -> dict:
+    """Are the training pairs themselves in the gradient-entanglement case? Over all rows of
+    ``train_records``: ``n_rows``, ``n_steps``; ``n_pred`` rows with a prediction, ``n_own_fall``
+    of them whose own step lowers the chosen log-prob, ``frac_own_fall``; ``n_case``, ``n_case2``,
+    ``frac_case2`` (both predicted to fall); ``n_cos`` rows with a cosine and finite threshold,
+    ``n_entangled`` of them above it, ``mean_cos_wl``, ``mean_cos_thr_w``; ``n_missing`` and
+    ``reasons`` ({missing_reason: count}); ``has_upd``, ``n_upd``, ``n_upd_fall`` (upd_dw < 0),
+    ``frac_upd_fall``; ``regime``: ``"most"`` (≥ half the pair-steps' own chosen falls), ``"some"``,
+    ``"none"`` or ``"unknown"`` (no prediction); ``sentence`` (the answer), ``upd_sentence`` (or
+    None) and ``sentences`` (all, for the report)."""
+    tr = train_pair_steps(train_records)
+    pred, cased, cos = tr[tr["pred_dw"].notna()], tr[tr["case_pred"] >= 0], _cos_rows(tr)
+    upd = tr["upd_dw"].dropna()
+    s: dict[str, Any] = dict(n_rows=len(tr), n_steps=int(tr["step"].nunique()), n_pred=len(pred),
+                             n_own_fall=int(pred["own_fall"].sum()), n_case=len(cased),
+                             n_case2=int((cased["case_pred"] == 2).sum()), n_cos=len(cos),
+                             n_entangled=int(cos["entangled"].sum()),
+                             mean_cos_wl=float(cos["cos_wl"].mean()) if len(cos) else float("nan"),
+                             mean_cos_thr_w=float(cos["cos_thr_w"].mean()) if len(cos) else float("nan"),
+                             n_missing=int(tr["missing"].sum()), has_upd=bool(len(upd)), n_upd=len(upd),
+                             n_upd_fall=int((upd < 0).sum()))
+    s["reasons"] = {str(k): int(n) for k, n in
+                    tr.loc[tr["missing"], "missing_reason"].fillna("(no reason recorded)").value_counts().items()}
+    s["frac_own_fall"] = s["n_own_fall"] / s["n_pred"] if s["n_pred"] else float("nan")
+    s["frac_case2"] = s["n_case2"] / s["n_case"] if s["n_case"] else float("nan")
+    s["frac_upd_fall"] = s["n_upd_fall"] / s["n_upd"] if s["n_upd"] else float("nan")
+    s["regime"] = ("unknown" if not s["n_pred"] else "none" if not s["n_own_fall"]
+                   else "most" if s["frac_own_fall"] >= 0.5 else "some")
+    own = (f"for {_frac(s['n_own_fall'], s['n_pred'])} training pair-steps the pair's own SGD-form step lowers "
+           f"its chosen log-prob (pred_dw < 0: eq. 9 violated); both log-probs fall (case 2) in "
+           f"{_frac(s['n_case2'], s['n_case'])}.")
+    s["sentence"] = {
+        "unknown": "Insufficient evidence about the training pairs: no in-run row has a prediction (every entry "
+                   "is missing; see the reasons below).",
+        "none": "the training pairs are NOT in the gradient-entanglement case: no training pair's own step lowers its "
+                f"chosen log-prob (0/{s['n_pred']} pair-steps); both log-probs fall (case 2) in "
+                f"{_frac(s['n_case2'], s['n_case'])}.",
+        "some": "some training pairs are in the gradient-entanglement case, most are not: " + own,
+        "most": "the training pairs themselves are in the gradient-entanglement case: " + own,
+    }[s["regime"]]
+    s["sentence"] = s["sentence"][0].upper() + s["sentence"][1:]
+    s["upd_sentence"] = (f"The real update lowered the chosen log-prob of {_frac(s['n_upd_fall'], s['n_upd'])} "
+                         f"training pair-steps to first order (upd_dw = ⟨g_w, Δθ⟩ < 0, --in-run-update)."
+                         if s["n_upd"] else None)
+    out = [s["sentence"]]
+    if s["n_cos"]:
+        out.append(f"Their mean cos(g_w, g_l) is {_num(s['mean_cos_wl'])} against a mean eq. 9 threshold in cosine "
+                   f"form of {_num(s['mean_cos_thr_w'])}; the cosine exceeds its threshold in "
+                   f"{_frac(s['n_entangled'], s['n_cos'])} pair-steps.")
+    if s["upd_sentence"]:
+        out.append(s["upd_sentence"])
+    else:
+        out.append("⟨g_w, Δθ⟩ of the real update on the training pairs was not recorded (--in-run-update).")
+    if s["n_missing"]:
+        out.append(f"{_frac(s['n_missing'], s['n_rows'])} training pair-steps have missing (NaN) entries, left out "
+                   "of the counts that need them: " + "; ".join(f"{n}× {r}" for r, n in s["reasons"].items()) + ".")
+    s["sentences"] = out
+    return s
+
+
+# ============================================================================ which training pairs moved the probes
+
+FALL_COLUMNS = ["step", "pair_id", "act_dw", "upd_dw", "sum_contrib", "own", "others", "residual", "higher_order",
+                "n_train", "top_train_pair", "top_contribution", "top_share"]
+
+
+def _chosen_contributions(contributions: pd.DataFrame) -> pd.DataFrame:
+    c = contributions.copy()
+    for col in ("k_w", "k_l", "c_w", "c_l"):
+        if col not in c:
+            c[col] = np.nan
+    for col in ("pair_id", "train_pair", "response"):
+        c[col] = c[col].astype(str)
+    c = c[c["response"] == "chosen"]
+    return c.sort_values(["step", "pair_id", "train_pair"], kind="mergesort").reset_index(drop=True)
+
+
+def probe_falls(contributions: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """One row per fall of a probe's chosen log-prob (``act_dw < 0`` in ``records``) at a step
+    with contributions, largest fall first, columns `FALL_COLUMNS`:
+
+    ``upd_dw`` = ⟨g_w, Δθ⟩ = ``sum_contrib`` + ``residual`` (docs/math.md §4.1); ``sum_contrib``
+    = Σ over the step's training pairs = ``own`` (the training pair with the probe's id, if the
+    probe was trained on) + ``others``; ``residual`` from records' ``contrib_resid_w`` (else
+    upd_dw − sum_contrib): momentum of earlier steps, weight decay, rounding; ``higher_order`` =
+    act_dw − upd_dw; ``top_train_pair``, ``top_contribution``: the most negative contribution,
+    ``top_share`` = top_contribution / upd_dw."""
+    rec = _prepared(records)
+    c = _chosen_contributions(contributions)
+    if c.empty:
+        return pd.DataFrame(columns=FALL_COLUMNS)
+    g = c.groupby(["step", "pair_id"], sort=True)
+    agg = pd.DataFrame({"sum_contrib": g["contribution"].sum(), "n_train": g["train_pair"].nunique()})
+    own = c[c["train_pair"] == c["pair_id"]].groupby(["step", "pair_id"])["contribution"].sum()
+    agg["own"] = own.reindex(agg.index).fillna(0.0)
+    top = c.loc[g["contribution"].idxmin().to_numpy()]
+    agg["top_train_pair"] = top["train_pair"].to_numpy()
+    agg["top_contribution"] = top["contribution"].to_numpy(float)
+    agg = agg.reset_index()
+    falls = rec.loc[rec["act_dw"] < 0, ["step", "pair_id", "act_dw", "upd_dw", "contrib_resid_w"]]
+    out = falls.merge(agg, on=["step", "pair_id"], how="inner")
+    upd = out["upd_dw"].to_numpy(float)
+    out["residual"] = np.where(out["contrib_resid_w"].notna(), out["contrib_resid_w"], upd - out["sum_contrib"])
+    out["others"] = out["sum_contrib"] - out["own"]
+    out["higher_order"] = out["act_dw"] - out["upd_dw"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["top_share"] = np.where(upd != 0, out["top_contribution"].to_numpy(float) / upd, np.nan)
+    out["n_train"] = out["n_train"].astype(int)
+    out = out.sort_values("act_dw", kind="mergesort").reset_index(drop=True)
+    return out[FALL_COLUMNS]
+
+
+def fall_contributors(contributions: pd.DataFrame, records: pd.DataFrame, k: int = 5,
+                      train_records: pd.DataFrame | None = None) -> pd.DataFrame:
+    """For each fall of `probe_falls` (same order), the ``k`` training pairs of its step with the
+    most negative contribution to the probe's chosen change: ``step, pair_id`` (the probe),
+    ``train_pair``, ``contribution``, ``share`` (of the probe's upd_dw = ⟨g_w, Δθ⟩; the shares of
+    all the step's training pairs and of the residual sum to 1), ``k_w, k_l`` (⟨g_o, g_w,u⟩,
+    ⟨g_o, g_l,u⟩), ``c_w, c_l`` (∂L/∂lw_u, ∂L/∂ll_u), ``own`` (the training pair is the probe
+    pair itself); with ``train_records`` also the training pair's own SGD-form ``train_pred_dw``
+    and ``train_case`` at that step (in-run)."""
+    falls = probe_falls(contributions, records)
+    cols = ["step", "pair_id", "train_pair", "contribution", "share", "k_w", "k_l", "c_w", "c_l", "own"]
+    if falls.empty:
+        return pd.DataFrame(columns=cols)
+    c = _chosen_contributions(contributions)
+    keyed = falls[["step", "pair_id", "upd_dw"]].assign(fall=np.arange(len(falls)))
+    m = c.merge(keyed, on=["step", "pair_id"], how="inner")
+    m = m.sort_values(["fall", "contribution", "train_pair"], kind="mergesort").groupby("fall").head(k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m["share"] = np.where(m["upd_dw"] != 0, m["contribution"] / m["upd_dw"], np.nan)
+    m["own"] = m["train_pair"] == m["pair_id"]
+    out = m[cols].reset_index(drop=True)
+    if train_records is not None and not train_records.empty:
+        tr = train_pair_steps(train_records).drop_duplicates(["step", "pair_id"])
+        tr = tr[["step", "pair_id", "pred_dw", "case_pred"]].rename(
+            columns={"pair_id": "train_pair", "pred_dw": "train_pred_dw", "case_pred": "train_case"})
+        out = out.merge(tr, on=["step", "train_pair"], how="left")
+    return out
+
+
+def train_pair_pushes(contributions: pd.DataFrame, records: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """Over every recorded step and probe pair (chosen responses), per training pair: ``n_steps``
+    (recorded steps it was trained at), ``n_probe_rows`` (probe pair-steps it reached), ``n_down``
+    (those its contribution lowered), ``frac_down``, ``sum_down`` (Σ of its negative
+    contributions), ``net`` (Σ of all its contributions), ``n_top_fall`` (falls of `probe_falls`
+    where it was the most negative contribution). Of the training pairs that lowered at least one
+    probe's chosen log-prob (``n_down > 0``), the ``k`` with the most negative ``net`` (ties by name)."""
+    c = _chosen_contributions(contributions)
+    cols = ["train_pair", "n_steps", "n_probe_rows", "n_down", "frac_down", "sum_down", "net", "n_top_fall"]
+    if c.empty:
+        return pd.DataFrame(columns=cols)
+    c = c.assign(down=c["contribution"] < 0, neg=c["contribution"].where(c["contribution"] < 0, 0.0))
+    g = c.groupby("train_pair", sort=True)
+    out = pd.DataFrame({"n_steps": g["step"].nunique(), "n_probe_rows": g.size(), "n_down": g["down"].sum(),
+                        "sum_down": g["neg"].sum(), "net": g["contribution"].sum()})
+    out["frac_down"] = out["n_down"] / out["n_probe_rows"]
+    falls = probe_falls(contributions, records)
+    tops = falls.loc[falls["top_contribution"] < 0, "top_train_pair"].value_counts()
+    out["n_top_fall"] = tops.reindex(out.index).fillna(0).astype(int)
+    out = out[out["n_down"] > 0].reset_index().sort_values(["net", "train_pair"], kind="mergesort").head(k)
+    out["n_down"] = out["n_down"].astype(int)
+    return out[cols].reset_index(drop=True)
+
+
+def contribution_split(contributions: pd.DataFrame, records: pd.DataFrame) -> dict:
+    """The probes' falls split by origin, summed over `probe_falls` (falls whose upd_dw is known):
+    ``n_falls``, ``act_sum`` (Σ act_dw), ``upd_sum``, ``parts`` = {``own``: the probe pair's own
+    step, ``others``: the other training pairs of the step, ``residual``: momentum of earlier
+    steps, weight decay, rounding, ``higher_order``: act − upd} (they sum to ``act_sum``) and
+    ``shares`` (each / act_sum); ``held_out`` (no probe pair is a training pair of any step with
+    contributions); ``n_uncovered`` (falls at steps without contributions); ``n_probe_steps``;
+    ``top`` (the largest single push: step, probe, training pair, contribution, share),
+    ``net_top`` / ``often_top`` (`train_pair_pushes` rows: most negative net, most n_down);
+    ``sentences``."""
+    rec = _prepared(records)
+    c = _chosen_contributions(contributions)
+    falls = probe_falls(contributions, records)
+    ok = falls.dropna(subset=["upd_dw", "residual"])
+    covered = set(zip(c["step"].tolist(), c["pair_id"].tolist()))
+    all_falls = rec[rec["act_dw"] < 0]
+    s: dict[str, Any] = dict(n_falls=len(ok), n_no_upd=len(falls) - len(ok), n_probe_steps=len(covered),
+                             n_uncovered=int(sum((int(r.step), r.pair_id) not in covered
+                                                 for r in all_falls.itertuples())),
+                             held_out=not bool(c["train_pair"].isin(set(c["pair_id"])).any()))
+    s["act_sum"], s["upd_sum"] = float(ok["act_dw"].sum()), float(ok["upd_dw"].sum())
+    s["parts"] = {p: float(ok[p].sum()) for p in ("own", "others", "residual", "higher_order")}
+    s["shares"] = {p: (x / s["act_sum"] + 0.0 if s["act_sum"] else float("nan")) for p, x in s["parts"].items()}
+    pushes = train_pair_pushes(contributions, records, k=10 ** 9)
+    s["net_top"] = pushes.iloc[0].to_dict() if len(pushes) and pushes["net"].iloc[0] < 0 else None
+    often = pushes.sort_values(["n_down", "net"], ascending=[False, True], kind="mergesort")
+    s["often_top"] = often.iloc[0].to_dict() if len(often) and often["n_down"].iloc[0] > 0 else None
+    top = ok.sort_values("top_contribution", kind="mergesort").head(1)
+    s["top"] = (dict(step=int(top["step"].iloc[0]), pair_id=top["pair_id"].iloc[0],
+                     train_pair=top["top_train_pair"].iloc[0], contribution=float(top["top_contribution"].iloc[0]),
+                     share=float(top["top_share"].iloc[0])) if len(top) else None)
+    out = []
+    if s["n_falls"]:
+        pc = {p: f"{_num(x)} ({_pct(s['shares'][p])})" for p, x in s["parts"].items()}
+        out.append(f"Per training pair (contributions.parquet, docs/math.md §4.1), over the {s['n_falls']} probe "
+                   f"pair-steps whose chosen log-prob fell (Σ act_dw = {_num(s['act_sum'])}): the probe pair's own "
+                   f"step {pc['own']}, the other training pairs of the step {pc['others']}, the residual (momentum "
+                   f"of earlier steps, weight decay, rounding) {pc['residual']}, beyond first order (act_dw − upd_dw) "
+                   f"{pc['higher_order']}.")
+        if any(x < 0 or x > 1 for x in s["shares"].values()):
+            out.append("Some parts have the opposite sign of the fall, so the shares (of Σ act_dw) are not all "
+                       "within 0–100%: e.g. a first-order push larger than the observed fall, partly undone beyond "
+                       "first order.")
+        if s["held_out"]:
+            out.append(f"The probe pairs are held out from training (none is a training pair of a recorded step), so "
+                       f"none of it is their own step: all of the first-order change comes from training pairs — "
+                       f"{_pct(s['shares']['others'])} from the training pairs of the step itself, "
+                       f"{_pct(s['shares']['residual'])} the residual (earlier steps' training pairs through the "
+                       f"optimizer's momentum, with weight decay and rounding).")
+        t = s["top"]
+        out.append(f"The largest single push down: training pair {t['train_pair']} on probe {t['pair_id']} at step "
+                   f"{t['step']}, {_num(t['contribution'])} ({_pct(t['share'])} of that step's ⟨g_w, Δθ⟩)."
+                   if t and t["contribution"] < 0 and not math.isnan(t["share"]) else
+                   "No training pair's contribution to a fall was negative.")
+        if s["net_top"] is not None:
+            n, o = s["net_top"], s["often_top"]
+            out.append(f"Over all recorded steps, training pair {n['train_pair']} pushed the probes' chosen log-probs "
+                       f"down most (net {_num(n['net'])} over {int(n['n_probe_rows'])} probe pair-steps); "
+                       f"{o['train_pair']} most often ({int(o['n_down'])} of {int(o['n_probe_rows'])}).")
+    if s["n_uncovered"]:
+        out.append(f"{s['n_uncovered']} fall(s) of a probe's chosen log-prob are at steps without contributions "
+                   "(not split).")
+    if s["n_no_upd"]:
+        out.append(f"{s['n_no_upd']} fall(s) lack upd_dw in records.parquet (not split).")
+    s["sentences"] = out
+    return s
+
+
+# ============================================================================ token attributions
+
+def attribution_reliability(attributions: pd.DataFrame, tol: float = ATTRIBUTION_TOLERANCE) -> pd.DataFrame:
+    """Per (``pair_id``, ``target``) of ``attributions.parquet`` (``dynamics attribute``): ``n_tokens``,
+    captum's convergence ``delta`` δ, ``gap`` = f(x) − f(baseline), ``ratio`` = |δ|/|gap| (inf for a
+    zero gap with δ ≠ 0), ``status`` ("converged": |δ| ≤ tol·|gap|, "not converged", "unchecked":
+    no delta/gap columns) and ``note`` ("not converged (|δ|/|gap| = …): raise --n-steps")."""
+    a = attributions.assign(pair_id=attributions["pair_id"].astype(str))
+    keys = ["pair_id"] + (["target"] if "target" in a else [])
+    g = a.groupby(keys, sort=True)
+    out = g.size().rename("n_tokens").reset_index()
+    if {"delta", "gap"} <= set(a.columns):
+        out = out.merge(g[["delta", "gap"]].first().reset_index(), on=keys)
+    else:
+        out["delta"], out["gap"] = np.nan, np.nan
+    d, gap = out["delta"].abs().to_numpy(float), out["gap"].abs().to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(gap > 0, d / gap, np.where(d > 0, np.inf, 0.0))
+    unknown = np.isnan(d) | np.isnan(gap)
+    out["ratio"] = np.where(unknown, np.nan, ratio)
+    out["status"] = np.where(unknown, "unchecked", np.where(d > tol * gap, "not converged", "converged"))
+    out["note"] = [f"not converged (|δ|/|gap| = {_num(r, 2)}): raise --n-steps" if st == "not converged" else ""
+                   for r, st in zip(out["ratio"], out["status"])]
+    return out
+
+
+def top_attributions(attributions: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """The ``k`` tokens with the largest |attribution| of each (``pair_id``, ``target``), by pair and
+    target, largest first."""
+    a = attributions.assign(pair_id=attributions["pair_id"].astype(str), abs=attributions["attribution"].abs())
+    keys = ["pair_id"] + (["target"] if "target" in a else [])
+    a = a.sort_values([*keys, "abs"], ascending=[True] * len(keys) + [False], kind="mergesort")
+    return a.groupby(keys, sort=False).head(k).drop(columns="abs").reset_index(drop=True)
+
+
 # ============================================================================ the report
-
-@dataclass
-class Section:
-    """One section of the report: ``id`` (HTML id, one of `SECTION_IDS`), ``title``, ``body``
-    (HTML), ``missing`` (what optional input is absent and how to get it), ``figures`` (count)."""
-
-    id: str
-    title: str
-    body: str
-    missing: list[str] = field(default_factory=list)
-    figures: int = 0
-
-    def to_html(self) -> str:
-        notes = "".join(f'<p class="missing">Missing input: {html.escape(m)}</p>' for m in self.missing)
-        return f'<section id="{self.id}">\n<h2>{html.escape(self.title)}</h2>\n{notes}{self.body}\n</section>'
-
-
-@dataclass
-class Report:
-    """The diagnosis of one run: ``title``, ``sections`` (in `SECTION_IDS` order), ``verdict``
-    (the `verdict` dict). `to_html` renders the self-contained page."""
-
-    title: str
-    sections: list[Section]
-    verdict: dict = field(default_factory=dict)
-
-    @property
-    def ids(self) -> list[str]:
-        return [s.id for s in self.sections]
-
-    def section(self, id: str) -> Section:
-        for s in self.sections:
-            if s.id == id:
-                return s
-        raise KeyError(f"no section {id!r}; sections: {self.ids}")
-
-    def to_html(self) -> str:
-        toc = " · ".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in self.sections)
-        body = "\n".join(s.to_html() for s in self.sections)
-        return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-                f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-                f"<title>{html.escape(self.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-                f"<header><h1>{html.escape(self.title)}</h1>\n<nav>{toc}</nav></header>\n{body}\n</body>\n</html>\n")
-
-
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif;font-size:15px;
-line-height:1.45;color:#1b1b1b;max-width:1080px;margin:0 auto;padding:0 1.2em 3em;background:#fff}
-h1{font-size:1.5em;margin:.8em 0 .3em}h2{font-size:1.25em;border-bottom:2px solid #2166ac;padding-bottom:.15em;
-margin-top:1.6em}h3{font-size:1.05em;margin:1.2em 0 .4em}
-nav{font-size:.9em;color:#555}nav a{color:#2166ac;text-decoration:none}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:.86em}
-th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top;font-variant-numeric:tabular-nums}
-th{background:#eef3f8}
-img{max-width:100%;height:auto;display:block;margin:.6em 0}
-.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
-ul.conclusions li{margin:.3em 0}.missing{background:#fff4e5;border-left:4px solid #e08e0b;padding:.4em .7em}
-.note{color:#555;font-size:.9em}.label{display:inline-block;background:#eef3f8;border-radius:3px;padding:0 .4em;
-font-size:.85em}pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.82em;border:1px solid #ddd}
-"""
-
-
-def _table(df: pd.DataFrame, index: bool = False) -> str:
-    df = df.rename(columns=lambda c: str(c).replace("_", " "))                   # headers may wrap
-    return df.to_html(index=index, escape=True, border=0, na_rep="–",
-                      float_format=lambda x: _num(x), classes="tbl")
-
-
-def _capped(df: pd.DataFrame, rows: int = 40) -> str:
-    """`_table` of ``df``, or of its first and last ``rows // 2`` rows with a note when longer."""
-    if len(df) <= rows:
-        return _table(df)
-    half = rows // 2
-    return (_p(f"{len(df)} rows; the first and last {half} are shown (the full table is computed by the "
-               "function named in this section).", "note") + _table(pd.concat([df.head(half), df.tail(half)])))
-
-
-def _p(text: str, cls: str | None = None) -> str:
-    attr = f' class="{cls}"' if cls else ""
-    return f"<p{attr}>{html.escape(text)}</p>"
-
-
-def _figure(make: Callable[[], Any], alt: str) -> tuple[str, int]:
-    """``(html, 1)``: the Figure from ``make()`` as an embedded PNG; on failure a visible note."""
-    from dynamics.tools.plots import STYLE
-    import matplotlib.pyplot as plt
-
-    try:
-        fig = make()
-        buf = io.BytesIO()
-        with plt.rc_context(STYLE):
-            fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-    except Exception as e:  # a figure must never cost the report; say what went wrong
-        plt.close("all")
-        return _p(f"Figure '{alt}' could not be drawn: {type(e).__name__}: {e}", "missing"), 0
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img src="{uri}" alt="{html.escape(alt)}">', 1
-
-
-def _figures(items: list[tuple[Callable[[], Any], str]], enabled: bool) -> tuple[str, int]:
-    if not enabled or not items:
-        return "", 0
-    parts = [_figure(make, alt) for make, alt in items]
-    return '<div class="figs">' + "".join(h for h, _ in parts) + "</div>", sum(k for _, k in parts)
-
-
-def _plot_step_effects(records: pd.DataFrame):
-    """Per recorded step, the mean one-step chosen change: observed (act_dw), first order of the
-    real update (upd_dw) and the pairs' own SGD-form prediction (pred_dw)."""
-    from dynamics.tools.plots import CHOSEN, STYLE, new_axes
-    import matplotlib.pyplot as plt
-
-    m = records.groupby("step")[["act_dw", "upd_dw", "pred_dw"]].mean().dropna(how="all")
-    with plt.rc_context(STYLE):
-        fig, ax = new_axes(None, size=(4.2, 2.4))
-        x = np.arange(len(m))
-        for i, (col, color, label) in enumerate((("act_dw", CHOSEN, "observed Δ"), ("upd_dw", "#67a9cf", "⟨g_w,Δθ⟩"),
-                                                 ("pred_dw", "#999999", "own gradient (SGD form)"))):
-            ax.bar(x + (i - 1) * 0.27, m[col].fillna(0).to_numpy(), width=0.27, color=color, label=label)
-        ax.axhline(0, color="0.4", lw=0.6)
-        ax.set_xticks(x, [str(s) for s in m.index], rotation=90 if len(m) > 12 else 0)
-        ax.set_xlabel("recorded step")
-        ax.set_ylabel(r"mean $\Delta\log\pi_w$ (one step)")
-        ax.legend(frameon=False, fontsize=7)
-    return fig
-
-
-def _verdict_section(data: RunData, records: pd.DataFrame, v: dict, figures: bool) -> Section:
-    body = ['<ul class="conclusions">' + "".join(f"<li>{html.escape(c)}</li>" for c in v["conclusions"]) + "</ul>"]
-    missing = []
-    iv = intervals(records)
-    if len(iv):
-        body.append("<h3>Change between recorded steps (means over pairs; intervals())</h3>" + _capped(iv))
-    if v["n_fell"]:
-        ct = pd.DataFrame({"cause": list(CAUSES), "pair-steps": [v["causes"][c] for c in CAUSES],
-                           "share of summed fall": [v["cause_share"][c] for c in CAUSES],
-                           "meaning": [CAUSES[c] for c in CAUSES],
-                           "(pair, step)": [", ".join(f"{p}@{s}" for p, s in v["cause_steps"][c][:12])
-                                            + (" …" if len(v["cause_steps"][c]) > 12 else "") for c in CAUSES]})
-        body.append("<h3>Why each observed fall happened</h3>" + _table(ct))
-    if v["n_grad"]:
-        tab = case_table(records)
-        tab.index = [f"{c} {CASES[c]}" for c in tab.index]
-        tab.columns = [f"{c} {CASES[c]}" for c in tab.columns]
-        body.append("<h3>Cases: predicted by the pair's own gradient (rows) vs observed (columns)</h3>"
-                    + _table(tab, index=True))
-    else:
-        missing.append("no recorded gradients (ip_wl, sq_w, thr_w): record with the dynamics recorder "
-                       "(`dynamics train`, or DynamicsCallback) so that steps 0, eval_every, ... carry gradients")
-    has_grad = bool(v["n_grad"]) and records["cos_wl"].notna().any() and records["upd_dw"].notna().any() \
-        and records["act_dw"].notna().any()
-    from dynamics.tools.plots import plot_dynamics_panel, plot_logprobs
-
-    items = [(lambda: plot_logprobs(records, title="probe pairs"), "chosen and rejected log-probs")]
-    if has_grad:
-        items += [(lambda: _plot_step_effects(records), "one-step chosen change: observed, real update, own gradient"),
-                  (lambda: plot_dynamics_panel(records), "gradient cosine and predicted vs actual")]
-    figs, k = _figures(items, figures)
-    body.append(figs)
-    return Section("verdict", "1. Verdict: did the chosen log-prob fall, and why?", "\n".join(body), missing, k)
-
-
-def _drivers_section(data: RunData, records: pd.DataFrame, v: dict, top_k: int) -> Section:
-    body, missing = [], []
-    if len(v["steps"]) < 2:
-        body.append(_p("Insufficient evidence: one recorded step only, so no pair has a first → last change."))
-    else:
-        dr = drivers(records, top_k, data.screen)
-        if dr.empty:
-            body.append(_p("No pair's chosen log-prob fell from the first to the last recorded step."))
-        else:
-            body.append(_p(f"The {len(dr)} pairs whose chosen log-prob fell most (step {v['first_step']} → "
-                           f"{v['last_step']}); share_of_fall is each pair's part of the summed fall of all "
-                           f"{v['pairs_fell']} falling pairs.") + _table(dr))
-    if data.screen is None:
-        missing.append("no screen.parquet (pre-training screening: CHES, ches_norm, edit distance): compute it on the probe pairs "
-                       "with `dynamics screen ... --out RUN_DIR/screen.parquet` (dynamics.core.screen.screen_pairs)")
-    elif len(v["steps"]) > 1:
-        try:
-            sc = screen_correlations(data.screen, records)
-            body.append("<h3>Screening scores vs the realized chosen change (Spearman)</h3>"
-                        + _p("Negative: a higher score went with a larger fall (the score predicted displacement).",
-                             "note") + _table(sc))
-        except InputError as e:
-            body.append(_p(f"Screening correlations not computed: {e}", "missing"))
-    return Section("drivers", "2. The pairs that drive it", "\n".join(body), missing)
-
-
-def _tokens_section(data: RunData, figures: bool) -> Section:
-    body, missing, k = [], [], 0
-    if data.token_decomp is None:
-        missing.append("no token_decomp.parquet (Theorem 3 before/at/after decomposition): record with "
-                       "--token-pairs 1 (RecorderConfig(token_pairs=1)), the default of `dynamics train`")
-    else:
-        seg = token_segments(data.token_decomp)
-        body.append(_p("Predicted one-step change of each response's tokens (the pair's own SGD-form step, "
-                       "first order), summed before / at / after the first differing token m. Theorem 3 (toy "
-                       "model) predicts for the chosen response before ≈ 0, at ≥ 0, after ≤ 0 (token_segments()).")
-                    + _capped(seg))
-    if not data.token_grams:
-        missing.append("no token_grams/*.npz (token gradient cosines): record with --token-pairs 1")
-    else:
-        latest: dict[str, tuple[int, Path]] = {}
-        for f in data.token_grams:
-            try:
-                step, pid = int(f.stem[4:10]), f.stem[11:]
-            except ValueError:
-                continue
-            if pid not in latest or step > latest[pid][0]:
-                latest[pid] = (step, f)
-        items = []
-        for pid, (step, f) in sorted(latest.items())[:3]:
-            items.append((_heatmap_maker(f), f"token gradient cosine, pair {pid}, step {step}"))
-        figs, k = _figures(items, figures)
-        if items:
-            body.append(_p("Token-wise gradient cosine cos(g_w^t, g_l^s) at the last recorded step (seed 004 Fig. 4b); "
-                           "responses longer than 40 tokens are cut to their first 40.", "note") + figs)
-    if data.attributions is not None and {"pair_id", "token", "attribution"} <= set(data.attributions.columns):
-        a = data.attributions.assign(abs=data.attributions["attribution"].abs())
-        top = a.sort_values("abs", ascending=False, kind="mergesort").groupby("pair_id", sort=True).head(5)
-        cols = [c for c in ("pair_id", "target", "position", "token", "segment", "attribution") if c in top]
-        body.append("<h3>Largest token attributions (attributions.parquet, top 5 per pair by |attribution|)</h3>"
-                    + _table(top[cols]))
-    return Section("tokens", "2b. Token level (Theorem 3)", "\n".join(body), missing, k)
-
-
-def _heatmap_maker(f: Path):
-    def make():
-        from dynamics.tools.plots import plot_token_heatmap
-
-        with np.load(f, allow_pickle=False) as z:
-            cos, tw, tl = z["cos"], [str(t) for t in z["tokens_w"]], [str(t) for t in z["tokens_l"]]
-            step = int(z["step"]) if "step" in z else None
-            pid = str(z["pair_id"])
-        cut = 40
-        return plot_token_heatmap(cos[:cut, :cut], tw[:cut], tl[:cut],
-                                  title=f"pair {pid}" + (f", step {step}" if step is not None else ""))
-    return make
-
-
-def _whatif_section(data: RunData, figures: bool) -> Section:
-    body, missing, k = [], [], 0
-    if data.whatif is None:
-        missing.append("no whatif.parquet (the same gradients under every loss of the zoo): record with --whatif "
-                       "(RecorderConfig(whatif=True), the default)")
-        return Section("whatif", "3. What-if: other losses, same gradients", "", missing)
-    ws = whatif_summary(data.whatif)
-    ws.insert(1, "run's loss", ws["loss"] == data.loss)
-    good = ws[ws["frac_rise"] >= 0.5]["loss"].tolist()
-    body.append(_p("First-order prediction (SGD form, each pair's own gradient): for the recorded ⟨g_w,g_l⟩, ‖g_w‖², "
-                   "‖g_l‖² and each loss's (d_w, d_l) at its default hyper-parameters (the run's own "
-                   "hyper-parameters are in the records, not here), the share of pair-steps whose chosen "
-                   "log-prob would rise."))
-    body.append(_p("Losses that raise the chosen log-prob in at least half of the pair-steps: "
-                   + (", ".join(good) if good else "none") + "."))
-    body.append(_table(ws))
-    from dynamics.tools.plots import plot_whatif
-
-    figs, k = _figures([(lambda: plot_whatif(data.whatif), "what-if over the loss zoo")], figures)
-    body.append(figs)
-    return Section("whatif", "3. What-if: other losses, same gradients", "\n".join(body), missing, k)
-
-
-def _remedies_section(data: RunData, records: pd.DataFrame, v: dict) -> Section:
-    body, missing = [], []
-    if not pair_steps(records).shape[0]:
-        missing.append("no recorded gradients (ip_wl, sq_w): the remedies are computed from them")
-        return Section("remedies", "3b. Nearest changes to the loss (first-order prediction)", "", missing)
-    try:
-        rm = remedies(records, data.loss, data.loss_params)
-    except InputError as e:
-        return Section("remedies", "3b. Nearest changes to the loss (first-order prediction)",
-                       _p(f"Not computed: {e}", "missing"))
-    body.append(_p(f"First-order prediction from the recorded gradients of the run's loss {data.loss!r} "
-                   f"{data.loss_params}: the chosen log-prob's SGD-form change is η(d_w‖g_w‖² − d_l⟨g_w,g_l⟩); a "
-                   "change of the loss acts through its new (d_w, d_l). needed_* is the smallest total value of the "
-                   "parameter above which the change is positive (quantiles over the pair-steps that need more "
-                   "than the current value); frac_rise_at_* the share of all pair-steps rising with the parameter "
-                   "at that value."))
-    if v["primary_cause"] in ("others", "curvature"):
-        body.append(_p(f"Caution: these remedies act on each pair's own gradient; most of the observed fall "
-                       f"({100 * v['cause_share'][v['primary_cause']]:.0f}%) came from {CAUSES[v['primary_cause']]}, "
-                       "which they do not address.", "missing"))
-    items = []
-    for r in rm[rm["applicable"]].itertuples():
-        if r.remedy == "beta":
-            text = f"β: {r.note}"
-        elif r.n_needing == 0:
-            text = (f"{r.parameter}: " + ("not needed: the pair's own gradient already raises the chosen log-prob "
-                                          "at every recorded pair-step" if r.frac_rise_now == 1 else
-                                          f"no value helps the {100 * (1 - r.frac_rise_now):.0f}% of pair-steps "
-                                          "whose chosen log-prob falls") + f" (now {_num(r.current)}).")
-        else:
-            text = (f"{r.parameter}: now {_num(r.current)}, the chosen log-prob rises in {100 * r.frac_rise_now:.0f}% "
-                    f"of pair-steps. Over the {r.n_needing} pair-steps that need more, the threshold has median "
-                    f"{_num(r.needed_median)} (then {100 * r.frac_rise_at_median:.0f}% of all pair-steps rise), "
-                    f"90th percentile {_num(r.needed_p90)} ({100 * r.frac_rise_at_p90:.0f}%), maximum "
-                    f"{_num(r.needed_max)}; {100 * r.frac_unfixable:.0f}% cannot be fixed by it. How: {r.note}.")
-        items.append(f"<li>{html.escape('First-order prediction — ' + text)}</li>")
-    body.append('<ul class="conclusions">' + "".join(items) + "</ul>")
-    shown = ["remedy", "current", "n_applicable", "n_needing", "frac_rise_now", "needed_median", "needed_p90",
-             "needed_max",
-             "frac_rise_at_median", "frac_rise_at_p90", "frac_unfixable"]
-    body.append(_table(rm[rm["applicable"]][shown]))
-    for r in rm[~rm["applicable"]].itertuples():
-        body.append(_p(f"{r.parameter}: {r.note}.", "note"))
-    return Section("remedies", "3b. Nearest changes to the loss (first-order prediction)", "\n".join(body), missing)
-
 
 def _tool_version() -> str:
     try:
@@ -921,25 +1058,104 @@ def _parquet_rows(path: Path) -> int | str:
         return "unreadable"
 
 
-def _config_section(data: RunData) -> Section:
-    cfg = data.config
-    lines = [f"dynamics version: {_tool_version()}", f"writer: {cfg.get('writer', 'unknown')}",
-             f"config version: {cfg.get('version')}"]
-    body = [_p(x) for x in lines]
-    if cfg.get("upgraded_from"):
-        body.append(_p(f"Note: this config.json was written in version {cfg['upgraded_from']} and upgraded to "
-                       f"version {cfg.get('version')} on reading (recorder settings regrouped); the file itself was "
-                       "not changed.", "missing"))
+def _latest_grams(files: Sequence[Path], n: int = 3) -> list[tuple[str, int, Path]]:
+    """``(pair_id, step, file)`` of the last recorded token Gram of the first ``n`` pairs (by id)."""
+    latest: dict[str, tuple[int, Path]] = {}
+    for f in files:
+        try:
+            step, pid = int(f.stem[4:10]), f.stem[11:]
+        except ValueError:
+            continue
+        if pid not in latest or step > latest[pid][0]:
+            latest[pid] = (step, f)
+    return [(pid, step, f) for pid, (step, f) in sorted(latest.items())[:n]]
+
+
+def _verdict(data: RunData, records: pd.DataFrame, v: dict, figures: bool) -> Section:
+    cause_tab = None
+    if v["n_fell"]:
+        cause_tab = pd.DataFrame({"cause": list(CAUSES), "pair-steps": [v["causes"][c] for c in CAUSES],
+                                  "share of summed fall": [v["cause_share"][c] for c in CAUSES],
+                                  "meaning": [CAUSES[c] for c in CAUSES],
+                                  "(pair, step)": [", ".join(f"{p}@{s}" for p, s in v["cause_steps"][c][:12])
+                                                   + (" …" if len(v["cause_steps"][c]) > 12 else "") for c in CAUSES]})
+    case_tab = None
+    if v["n_grad"]:
+        case_tab = case_table(records)
+        case_tab.index = [f"{c} {CASES[c]}" for c in case_tab.index]
+        case_tab.columns = [f"{c} {CASES[c]}" for c in case_tab.columns]
+    has_grad = bool(v["n_grad"]) and records["cos_wl"].notna().any() and records["upd_dw"].notna().any() \
+        and records["act_dw"].notna().any()
+    return H.verdict_section(v, intervals(records), cause_tab, case_tab, records, has_grad=has_grad, figures=figures)
+
+
+def _drivers(data: RunData, records: pd.DataFrame, v: dict, top_k: int) -> Section:
+    dr = drivers(records, top_k, data.screen) if len(v["steps"]) > 1 else None
+    corr, err = None, None
+    if data.screen is not None and len(v["steps"]) > 1:
+        try:
+            corr = screen_correlations(data.screen, records)
+        except InputError as e:
+            err = str(e)
+    return H.drivers_section(v, dr, has_screen=data.screen is not None, screen_corr=corr, screen_error=err)
+
+
+def _contributions(data: RunData, records: pd.DataFrame, v: dict, top_k: int) -> Section:
+    note = data.table_notes.get("contributions")
+    if data.contributions is None:
+        return H.contributions_section(None, None, None, None, top_k=top_k, note=note)
+    c, tr = data.contributions, data.train_records
+    return H.contributions_section(v["contrib"], probe_falls(c, records), fall_contributors(c, records, top_k, tr),
+                                   train_pair_pushes(c, records, top_k), top_k=top_k, note=note)
+
+
+def _inrun(data: RunData, v: dict, top_k: int, figures: bool) -> Section:
+    note = data.table_notes.get("train_records")
+    tr = data.train_records
+    if tr is None:
+        return H.inrun_section(None, None, None, None, None, top_k=top_k, figures=figures, note=note)
+    return H.inrun_section(v["train"], train_step_table(tr), train_cos_distribution(tr), train_top_falls(tr, top_k),
+                           missing_entries(tr), top_k=top_k, figures=figures, note=note)
+
+
+def _tokens(data: RunData, figures: bool) -> Section:
+    seg = token_segments(data.token_decomp) if data.token_decomp is not None else None
+    attr = None
+    if data.attributions is not None:
+        attr = (attribution_reliability(data.attributions), top_attributions(data.attributions, 5))
+    return H.tokens_section(seg, _latest_grams(data.token_grams), attributions=attr, figures=figures)
+
+
+def _whatif(data: RunData, figures: bool) -> Section:
+    if data.whatif is None:
+        return H.whatif_section(None, None, figures=figures)
+    ws = whatif_summary(data.whatif)
+    ws.insert(1, "run's loss", ws["loss"] == data.loss)
+    return H.whatif_section(ws, data.whatif, figures=figures)
+
+
+def _remedies(data: RunData, records: pd.DataFrame, v: dict) -> Section:
+    kw = dict(loss=data.loss, loss_params=data.loss_params)
+    if not pair_steps(records).shape[0]:
+        return H.remedies_section(None, **kw)
+    try:
+        rm = remedies(records, data.loss, data.loss_params)
+    except InputError as e:
+        return H.remedies_section(None, error=str(e), **kw)
+    caution = None
+    if v["primary_cause"] in ("others", "curvature"):
+        caution = (f"Caution: these remedies act on each pair's own gradient; most of the observed fall "
+                   f"({100 * v['cause_share'][v['primary_cause']]:.0f}%) came from {CAUSES[v['primary_cause']]}, "
+                   "which they do not address.")
+    return H.remedies_section(rm, caution=caution, **kw)
+
+
+def _config(data: RunData) -> Section:
     files = [(p.name, _parquet_rows(p)) for p in sorted(data.path.glob("*.parquet"))]
     if data.token_grams:
         files.append(("token_grams/*.npz", len(data.token_grams)))
-    if files:
-        body.append("<h3>Tables</h3>" + _table(pd.DataFrame(files, columns=["file", "rows"])))
-    for note in data.notes:
-        body.append(_p(note, "missing"))
-    body.append("<h3>config.json</h3><pre>" + html.escape(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-                + "</pre>")
-    return Section("config", "4. Configuration", "\n".join(body))
+    return H.config_section(data.config, version=_tool_version(), files=pd.DataFrame(files, columns=["file", "rows"]),
+                            notes=data.notes)
 
 
 def build_report(run: str | Path | RunData, *, top_k: int = 5, figures: bool = True) -> Report:
@@ -950,10 +1166,10 @@ def build_report(run: str | Path | RunData, *, top_k: int = 5, figures: bool = T
         raise InputError(f"top_k must be an integer >= 1, got {top_k!r}")
     data = run if isinstance(run, RunData) else load_run(run)
     records = _prepared(data.records)
-    v = verdict(records)
-    sections = [_verdict_section(data, records, v, figures), _drivers_section(data, records, v, top_k),
-                _tokens_section(data, figures), _whatif_section(data, figures), _remedies_section(data, records, v),
-                _config_section(data)]
+    v = verdict(records, train_records=data.train_records, contributions=data.contributions)
+    sections = [_verdict(data, records, v, figures), _drivers(data, records, v, top_k),
+                _contributions(data, records, v, top_k), _inrun(data, v, top_k, figures), _tokens(data, figures),
+                _whatif(data, figures), _remedies(data, records, v), _config(data)]
     title = f"Why did the chosen log-prob fall? — {data.path.name or data.path} ({data.loss or 'unknown loss'})"
     return Report(title=title, sections=sections, verdict=v)
 
@@ -985,22 +1201,6 @@ SCREEN_SECTION_IDS = ("distribution", "at-risk", "cases")
 """The ``id`` of every section of `screen_report`'s page, in page order."""
 
 
-def _plot_screen(table: pd.DataFrame):
-    import matplotlib.pyplot as plt
-
-    from dynamics.tools.plots import STYLE
-
-    cols = [c for c in ("ches_norm", "cos_wl", "pred_dw") if c in table and table[c].notna().any()]
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.4), squeeze=False)
-    for ax, c in zip(axes[0], cols):
-        ax.hist(table[c].dropna(), bins=min(30, max(5, len(table) // 3)), color="#2166ac")
-        ax.set_xlabel(c)
-        ax.set_ylabel("pairs")
-    fig.tight_layout()
-    return fig
-
-
 def screen_report(table: pd.DataFrame, out: str | Path, *, top: int = 10, title: str = "Pair screening") -> Path:
     """Write the screening table of `dynamics.core.screen.screen_pairs` as one self-contained HTML
     page (sections `SCREEN_SECTION_IDS`): the distribution of ``ches_norm``, ``cos_wl`` and
@@ -1011,19 +1211,8 @@ def screen_report(table: pd.DataFrame, out: str | Path, *, top: int = 10, title:
 
     summary = screen_summary(table, top=top)
     quant = pd.DataFrame(summary["quantiles"]).T                                  # score x (min, q10, ..., max, mean)
-    figs, n = _figures([(lambda: _plot_screen(table), "distributions of the screening scores")], True)
-    cases = pd.DataFrame(summary["cases"])
-    sections = [
-        Section("distribution", f"1. Distribution over {len(table)} pairs",
-                _p("Quantiles of each score (higher ches_norm: likelier displacement of the chosen response; "
-                   "cos_wl: cosine of the two responses' gradients at θ₀; pred_dw: predicted one-step change of "
-                   "the chosen log-prob from the pair's own gradient).") + _table(quant, index=True)
-                + f'<div class="figs">{figs}</div>', figures=n),
-        Section("at-risk", f"2. The {min(top, len(table))} pairs most at risk (highest ches_norm)",
-                _table(pd.DataFrame(summary["top"]))),
-        Section("cases", "3. Predicted case per pair (first order, the pair's own gradient)",
-                _table(cases.rename(columns={"count": "pairs"}))),
-    ]
+    sections = H.screen_sections(table, quant, pd.DataFrame(summary["top"]), pd.DataFrame(summary["cases"]),
+                                 min(top, len(table)))
     text = Report(title, sections).to_html()
     target = Path(out)
     if not target.parent.is_dir():

@@ -1,0 +1,648 @@
+"""Multi-process training (DDP) and recording, on top of ``torch.distributed``.
+
+Launched by ``torchrun`` (or ``accelerate launch``, which sets the same environment: ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), the plain trainer
+(`dynamics.runs.train`) runs one process per rank:
+
+- **training**: the model is wrapped in ``DistributedDataParallel`` (`training_forward`); each
+  rank takes its contiguous share of every micro-batch of the optimizer batch
+  (`rank_micro_batches`), and the loss is scaled by the world size, so that DDP's averaged
+  gradient is exactly the single-process batch-mean gradient;
+- **probe diagnostics** (`DistributedRecorder`): the probe pairs are split into contiguous blocks
+  (`shard_slice`); each rank runs the ordinary `dynamics.runs.recorder.Recorder` on its block
+  (log-probs, sentence and token Grams, update effects), on the *unwrapped* model, so no probe
+  backward reaches DDP's gradient hooks and no ``.grad`` is touched. Its rows go to an in-memory
+  `ShardBuffer` instead of files; at every sync point (``after_update``, ``final``) the rows of
+  all ranks are gathered (``all_gather_object``), put in the single-process order, and rank 0
+  appends them to the run directory. Summaries for loggers are computed from the gathered rows,
+  so every rank returns the same ones;
+- **in-run rows** (`DistributedInRunRecorder`): every rank records the pairs of its own
+  micro-batches from its own training backward; the rows are gathered at the end of every step
+  and rank 0 writes them every ``flush_every`` steps;
+- **Δθ** of an update is the same on every rank (DDP averages the gradients before the
+  identical optimizer steps), so each rank snapshots its own replica: parameters are never
+  communicated by the recorders;
+- **files**: only rank 0 writes (config, tables, token Grams, checkpoints; other ranks hold a
+  `ReplicaRunDir`, which writes nothing); every rank loads checkpoints.
+
+Errors. Where a rank can fail on its own input (the forward and loss of a micro-batch, the probe
+diagnostics), all ranks call `agree` at the same point whether or not they failed: if any rank
+failed, every rank raises — the failing rank its own error, the others a `RankFailed` naming it —
+so no rank is left waiting in a collective. The gathers carry errors the same way. After such an
+agreed failure the ranks meet once more (`process_group_from_env`) so that rank 0 has written the
+rows of every completed step before any rank exits. An error outside these points (inside the
+backward, a failed write on rank 0) ends that rank's process; the others then fail at their next
+collective (gloo: the peer closed the connection) or are stopped by ``torchrun``.
+
+Single-process use (no process group, or a world of one) goes through none of this:
+`make_recorder` and `make_in_run_recorder` return the plain recorders and `agree` re-raises the
+local error.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import inspect
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from dynamics.core.logprobs import PairLogProbs, TokenizedPairs, pair_logprobs
+from dynamics.errors import InputError
+from dynamics.runs.recorder import InRunRecorder, Recorder, RecorderConfig, in_run_summary, probe_summary
+from dynamics.runs.rundir import RunDir, atomic_write_bytes
+
+__all__ = ["World", "world", "process_group_from_env", "rank_device", "shard_slice", "check_batch",
+           "rank_micro_batches", "gather_objects", "agree", "all_mean", "on_main", "RankFailed", "RankFailedInput",
+           "ReplicaRunDir", "run_dir", "PairForward", "training_forward", "gradient_sync", "ShardBuffer",
+           "DistributedRecorder", "DistributedInRunRecorder", "make_recorder", "make_in_run_recorder"]
+
+DEFAULT_TIMEOUT_S = 1800
+"""Timeout of the process group's collectives (seconds): a backstop only, the error protocol
+above keeps the ranks from waiting on a failed one."""
+
+
+# ------------------------------------------------------------------ the world
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: ``rank`` in ``0..size-1``, ``local_rank`` on its machine,
+    ``initialized``: whether a ``torch.distributed`` process group exists."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process in an initialized group: training and recording communicate."""
+        return self.initialized and self.size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as e:
+        raise InputError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from e
+
+
+def world() -> World:
+    """The current `World`: from the process group when one is initialized, else from torchrun's
+    environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; rank 0 of 1 without them)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), _env_int("LOCAL_RANK", 0), True)
+    return World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0), False)
+
+
+_current_world = world  # for the classes below, whose ``world`` argument hides the function
+
+
+def _uses_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def rank_device(device: str, w: World | None = None) -> str:
+    """The device of this rank: ``"cuda"`` becomes ``"cuda:<local_rank>"`` in a multi-process run
+    (one GPU per process); anything else is returned unchanged."""
+    w = world() if w is None else w
+    if w.size > 1 and str(device) == "cuda":
+        return f"cuda:{w.local_rank}"
+    return str(device)
+
+
+def _agreed(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an exception it was raised from) came out of an agreement of all ranks."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if getattr(error, "dynamics_ranks_agreed", False):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def process_group_from_env(device: str = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
+    """Initialize the process group from torchrun's environment when it says ``WORLD_SIZE > 1`` and
+    no group exists yet (backend ``nccl`` for a CUDA ``device``, ``gloo`` otherwise); a group made
+    by the caller (``accelerate``, a test) is used as it is. Without torchrun's variables nothing
+    is done. Yields the `World`.
+
+    A group made here stays for the life of the process (destroyed at exit), so that one script
+    may train several runs: ending and making a group again in one torchrun worker can wait
+    forever in the rendezvous.
+
+    When the block fails with an error all ranks agreed on (`agree`, the recorders' gathers), the
+    ranks meet at a barrier before leaving, so that no rank exits (and makes ``torchrun`` stop the
+    others) before rank 0 has written what the completed steps recorded.
+    """
+    env = world()
+    if env.size > 1 and not env.initialized:
+        if not torch.distributed.is_available():
+            raise InputError(f"WORLD_SIZE={env.size}, but this torch build has no torch.distributed")
+        for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+            if name not in os.environ:
+                raise InputError(f"WORLD_SIZE={env.size} but {name} is not set: launch with torchrun "
+                                 f"(e.g. torchrun --nproc_per_node {env.size} -m analyses.cli train ...)")
+        backend = "nccl" if _uses_cuda(device) else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank)
+        torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        atexit.register(_destroy_process_group)
+    try:
+        yield world()
+    except BaseException as e:
+        if _agreed(e) and world().distributed:
+            torch.distributed.barrier()
+        raise
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------ splitting the work
+
+def shard_slice(n: int, rank: int, size: int) -> slice:
+    """Rank ``rank``'s contiguous block of ``n`` items split over ``size`` ranks: sizes differ by at
+    most one (the first ``n % size`` ranks get one more), a block may be empty (``n < size``), and
+    the blocks of ranks 0, 1, ... concatenated are ``0..n-1`` in order."""
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"rank {rank} is not in a world of {size}")
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (1 if rank < extra else 0))
+
+
+def check_batch(batch_size: int, grad_accum: int, w: World | None = None) -> None:
+    """`InputError` unless ``batch_size`` is divisible by ``grad_accum × world size``: every process
+    takes an equal share of every micro-batch (`rank_micro_batches`)."""
+    w = world() if w is None else w
+    if batch_size % (grad_accum * w.size):
+        raise InputError(f"batch_size={batch_size} must be divisible by grad_accum × processes = {grad_accum} × "
+                         f"{w.size}: every process takes an equal share of every micro-batch")
+
+
+def rank_micro_batches(idx: Sequence[int], grad_accum: int, w: World | None = None) -> list[list[int]]:
+    """This rank's micro-batches of the optimizer batch ``idx`` (B indices).
+
+    The single-process trainer splits ``idx`` into ``grad_accum`` micro-batches of m = B/grad_accum
+    consecutive indices; here each of them is split again into ``size`` contiguous shares and this
+    rank takes its own, so micro-batch k of every rank holds pairs of the single-process
+    micro-batch k and the ranks' shares concatenated in rank order give it back. B must be
+    divisible by ``grad_accum × size`` (`InputError` otherwise).
+    """
+    w = world() if w is None else w
+    B = len(idx)
+    check_batch(B, grad_accum, w)
+    m, share = B // grad_accum, B // (grad_accum * w.size)
+    return [list(idx[k * m + w.rank * share: k * m + (w.rank + 1) * share]) for k in range(grad_accum)]
+
+
+# ------------------------------------------------------------------ communication
+
+def gather_objects(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``all_gather_object``: pickled, so
+    any picklable value); ``[obj]`` without a process group."""
+    w = world()
+    if not w.distributed:
+        return [obj]
+    out: list = [None] * w.size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _comm_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed at a point where all ranks agree (`agree`, the recorders' gathers):
+    ``rank`` is the first failing rank, ``error_type`` and ``message`` its exception's."""
+
+    def __init__(self, rank: int, error_type: str, message: str):
+        super().__init__(f"rank {rank} failed: {error_type}: {message}")
+        self.rank, self.error_type, self.message = rank, error_type, message
+
+
+class RankFailedInput(RankFailed, InputError):
+    """`RankFailed` where the failing rank's error was a ValueError (an `InputError` among them):
+    the ``dynamics`` command then reports it as one line and exit code 2 on every rank, as it does
+    the failing rank's own error."""
+
+
+def _report(error: BaseException | None) -> dict | None:
+    if error is None:
+        return None
+    return dict(rank=world().rank, type=type(error).__name__, message=str(error), value=isinstance(error, ValueError))
+
+
+def _raise_agreed(error: BaseException | None, reports: Sequence[dict | None]) -> None:
+    """Raise on every rank once all know that some rank failed (``reports``: one per rank)."""
+    if error is None:
+        first = next(r for r in reports if r is not None)
+        cls = RankFailedInput if first["value"] else RankFailed
+        error = cls(first["rank"], first["type"], first["message"])
+        error.dynamics_ranks_agreed = True
+        raise error
+    error.dynamics_ranks_agreed = True
+    raise error
+
+
+def agree(error: BaseException | None) -> None:
+    """Collective check that no rank failed; every rank calls it at the same point, ``error``
+    being this rank's exception or None.
+
+    If any rank failed, every rank raises: the failing rank ``error`` itself, the others a
+    `RankFailed` (`RankFailedInput` for a ValueError) naming the first failing rank and its
+    message. Costs one all-reduce of one number (and one gather of the messages on failure).
+    Without a process group: raises ``error`` when given, else returns.
+    """
+    if not world().distributed:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0.0 if error is None else 1.0], device=_comm_device())
+    torch.distributed.all_reduce(flag)
+    if flag.item() == 0:
+        return
+    _raise_agreed(error, gather_objects(_report(error)))
+
+
+def all_mean(value: float) -> float:
+    """The mean of ``value`` over the ranks (float64 all-reduce); ``value`` without a process group."""
+    w = world()
+    if not w.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / w.size
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only (e.g. computing and caching something in the run directory),
+    its result sent to every rank (``broadcast_object_list``); an exception of ``fn`` is raised on
+    every rank (`RankFailed` on the others). Without a process group: ``fn()``."""
+    w = world()
+    if not w.distributed:
+        return fn()
+    box: list = [None]
+    error = None
+    if w.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:
+            error, box[0] = e, ("error", _report(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        _raise_agreed(error, [value])
+    return value
+
+
+# ------------------------------------------------------------------ files
+
+class ReplicaRunDir(RunDir):
+    """The run directory as a rank other than 0 sees it: reads like `RunDir`, writes nothing
+    (``write_config``, ``append``, ``truncate_after`` do nothing; the directory is not created),
+    so the trainer's code is the same on every rank and only rank 0 touches the files."""
+
+    def __init__(self, path: str | Path):  # no mkdir: rank 0 creates the directory
+        self.path = Path(path)
+        self._tables: dict[str, pd.DataFrame] = {}
+
+    def write_config(self, config: Any, *, writer: str) -> Path:
+        return self.path / "config.json"
+
+    def append(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        return None
+
+    def truncate_after(self, name: str, step: int) -> None:
+        return None
+
+
+def run_dir(path: str | Path, w: World | None = None) -> RunDir:
+    """`RunDir` (creating the directory) on rank 0, `ReplicaRunDir` on the other ranks."""
+    w = world() if w is None else w
+    return RunDir(path) if w.is_main else ReplicaRunDir(path)
+
+
+# ------------------------------------------------------------------ the training forward
+
+class PairForward(nn.Module):
+    """``forward(pairs) = pair_logprobs(model, pairs)``: the trainer's forward of B pairs (chosen and
+    rejected stacked, 2B sequences) as one module call, so that ``DistributedDataParallel`` can
+    wrap it (DDP must see the forward to reduce the gradients of the backward) while the model
+    itself keeps the single-process computation (the lm_head at the response positions only)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pairs: TokenizedPairs) -> PairLogProbs:
+        return pair_logprobs(self.model, pairs)
+
+
+def training_forward(model: nn.Module, w: World | None = None) -> nn.Module:
+    """The module the training loop calls on a micro-batch (``out = fw(pairs)``, a `PairLogProbs`):
+    `PairForward` of ``model``, wrapped in ``DistributedDataParallel`` in a multi-process run.
+
+    DDP is built without synchronizing buffers at every forward (the buffers, e.g. rotary tables,
+    are never trained and equal on every rank; broadcasting them would add a collective to every
+    forward, also to one that then fails on one rank) and with ``find_unused_parameters=False``;
+    its construction broadcasts rank 0's parameters, so replicas start identical. The diagnostics
+    use ``model`` itself, never this wrapper.
+    """
+    w = world() if w is None else w
+    fw = PairForward(model)
+    if not w.distributed:
+        return fw
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    ids = [device.index] if device.type == "cuda" else None
+    # torch >= 2.13 names it forward_sync_buffers (broadcast_buffers is deprecated there)
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(fw, device_ids=ids, find_unused_parameters=False, **no_buffer_sync)
+
+
+def gradient_sync(fw: nn.Module, sync: bool):
+    """Context for one micro-batch's backward: DDP's ``no_sync()`` unless ``sync`` (the last
+    micro-batch of the optimizer step, whose backward all-reduces the accumulated gradients);
+    nothing for a module that is not DDP."""
+    if sync or not hasattr(fw, "no_sync"):
+        return contextlib.nullcontext()
+    return fw.no_sync()
+
+
+# ------------------------------------------------------------------ gathering recorders
+
+class ShardBuffer:
+    """A stand-in for `RunDir` given to a rank's own recorder: ``append(name, rows)`` keeps the rows
+    in memory instead of writing a table; ``path`` is a private temporary directory for the files
+    a recorder writes itself (token Grams), removed when the buffer is garbage-collected.
+    `take` hands everything over (and forgets it)."""
+
+    def __init__(self, rank: int = 0):
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"dynamics-rank{rank}-")
+        self.path = Path(self._tmp.name)
+        self._rows: dict[str, list[dict]] = {}
+
+    def append(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        self._rows.setdefault(name, []).extend(dict(r) for r in rows)
+
+    def take(self) -> tuple[dict[str, list[dict]], dict[str, bytes]]:
+        """``({table: rows}, {relative file path: bytes})`` since the last `take`; the files are
+        deleted from the temporary directory."""
+        rows, self._rows = self._rows, {}
+        files = {}
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            files[f.relative_to(self.path).as_posix()] = f.read_bytes()
+            f.unlink()
+        return rows, files
+
+
+def _single_process_order(name: str, rows: list[dict]) -> list[dict]:
+    """Rows of all ranks, concatenated in rank order, put in the order one process writes them:
+    ``whatif`` is loss-major (every pair of a loss, then the next loss), ``train_records`` is
+    ordered by step and micro-batch (the ranks' shares of a micro-batch in rank order),
+    ``contributions`` (``cross``) by response (all chosen probe responses, then all rejected); other
+    tables are pair-major per step, which rank order already gives. Stable sorts only."""
+    if not rows:
+        return rows
+    if name == "whatif" and "loss" in rows[0]:
+        first = {}
+        for r in rows:
+            first.setdefault(r["loss"], len(first))
+        return sorted(rows, key=lambda r: (r["step"], first[r["loss"]]))
+    if name == InRunRecorder.TABLE:
+        return sorted(rows, key=lambda r: (r["step"], r["micro"]))
+    if name == "contributions" and "response" in rows[0]:  # every chosen probe response, then every rejected
+        return sorted(rows, key=lambda r: (r["step"], r["response"] != "chosen"))
+    return rows
+
+
+def _gather_shards(buffer: ShardBuffer, error: BaseException | None) -> tuple[dict[str, list[dict]], dict[str, bytes]]:
+    """Collective: every rank's buffered rows and files, merged in single-process order, on every
+    rank; raises on every rank if any rank passed an ``error`` (see `agree`)."""
+    rows, files = buffer.take()
+    payloads = gather_objects((_report(error), rows, files))
+    reports = [p[0] for p in payloads]
+    if any(r is not None for r in reports):
+        _raise_agreed(error, reports)
+    merged: dict[str, list[dict]] = {}
+    all_files: dict[str, bytes] = {}
+    for _, r, f in payloads:  # rank order
+        for name, table_rows in r.items():
+            merged.setdefault(name, []).extend(table_rows)
+        all_files.update(f)
+    return {name: _single_process_order(name, r) for name, r in merged.items()}, all_files
+
+
+def _write_gathered(run: RunDir, rows: Mapping[str, list[dict]], files: Mapping[str, bytes], w: World) -> None:
+    if not w.is_main:
+        return
+    for name, table_rows in rows.items():
+        run.append(name, table_rows)
+    for rel, data in files.items():
+        target = run.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, lambda p, data=data: p.write_bytes(data))
+
+
+def _gather_micro_batches(batches) -> list:
+    """Collective: this rank's micro-batches of a step (a list, one per micro-batch, or one item)
+    gathered from all ranks in the single-process order: micro-batch k is the ranks' shares of
+    micro-batch k in rank order (`rank_micro_batches`), so the result is ``[k=0: rank 0, rank 1,
+    ..., k=1: rank 0, ...]``."""
+    mine = list(batches) if isinstance(batches, (list, tuple)) else [batches]
+    every = gather_objects(mine)
+    if len({len(b) for b in every}) != 1:
+        raise RuntimeError(f"the ranks have different numbers of micro-batches: {[len(b) for b in every]}")
+    return [every[r][k] for k in range(len(mine)) for r in range(len(every))]
+
+
+class DistributedRecorder:
+    """`Recorder` over ``probe`` split across the ranks; the same calls (``before_update``,
+    ``after_update``, ``final``, ``pending``) and the same rows in the same order as one process.
+
+    Every rank must make every call (they are collective). This rank's `Recorder` measures its
+    contiguous block of the probe pairs (`shard_slice`; with fewer pairs than ranks some blocks
+    are empty and those ranks only take part in the gathers); ``cfg.token_pairs`` counts the
+    first probe pairs overall, so a rank saves the token Grams of those in its block.
+    ``probe_sets`` (``{pair_id: probes}``, all probe pairs) is cut to the block. ``run``: the real
+    run directory (`ReplicaRunDir` on ranks other than 0); other keyword arguments go to `Recorder`.
+    """
+
+    def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig, *,
+                 world: World | None = None, probe_sets: dict | None = None, **kwargs):
+        self.world = _current_world() if world is None else world
+        self.run, self.cfg = run, cfg
+        block = shard_slice(len(probe), self.world.rank, self.world.size)
+        self.buffer = ShardBuffer(self.world.rank)
+        self.local: Recorder | None = None
+        self._pending = False
+        if block.stop > block.start:
+            idx = list(range(block.start, block.stop))
+            shard = probe.subset(idx)
+            local_cfg = dataclasses.replace(cfg, token_pairs=max(0, min(cfg.token_pairs, block.stop) - block.start))
+            sets = None if probe_sets is None else {pid: probe_sets[pid] for pid in shard.pair_ids if pid in probe_sets}
+            self.local = Recorder(model, shard, ref.iloc[block].reset_index(drop=True), self.buffer, local_cfg,
+                                  probe_sets=sets, **kwargs)
+        if self.world.is_main:
+            (run.path / "token_grams").mkdir(exist_ok=True)
+
+    @property
+    def pending(self) -> bool:
+        """True between `before_update` and `after_update`."""
+        return self._pending
+
+    def before_update(self, step: int, lr: float | None = None, *, train_batch=None, **kwargs) -> None:
+        """`Recorder.before_update` on this rank's block; then `agree` (a probe pair that fails on
+        one rank, e.g. a non-finite loss, raises on every rank).
+
+        ``train_batch`` (``cross``): this rank's micro-batches of the step (`TrainingBatch`es whose
+        ``c_w, c_l`` are those of the whole batch's loss); they are gathered (collective) into the
+        step's whole batch in the single-process order, which every rank's block is split over."""
+        error = None
+        try:
+            if train_batch is not None:
+                train_batch = _gather_micro_batches(train_batch)
+            if self.local is not None:
+                self.local.before_update(step, lr, train_batch=train_batch, **kwargs)
+        except Exception as e:
+            error = e
+        agree(error)
+        self._pending = True
+
+    def after_update(self, **kwargs) -> dict[str, float]:
+        """`Recorder.after_update` on this rank's block; the rows of all ranks gathered, written by
+        rank 0. Returns the summaries of the gathered ``records`` rows (the same on every rank)."""
+        if not self._pending:
+            raise RuntimeError("after_update() without before_update()")
+        self._pending = False
+        rows = self._collect(lambda: self.local.after_update(**kwargs))
+        return probe_summary(rows.get("records", []))
+
+    def final(self, step: int, **kwargs) -> None:
+        """`Recorder.final` on this rank's block; the rows of all ranks gathered, written by rank 0."""
+        self._pending = False
+        self._collect(lambda: self.local.final(step, **kwargs))
+
+    def _collect(self, call: Callable[[], Any]) -> dict[str, list[dict]]:
+        error = None
+        try:
+            if self.local is not None:
+                call()
+        except Exception as e:
+            error = e
+        rows, files = _gather_shards(self.buffer, error)
+        _write_gathered(self.run, rows, files, self.world)
+        return rows
+
+
+class DistributedInRunRecorder:
+    """`InRunRecorder` of a multi-process run: each rank records the pairs of its own micro-batches
+    from its own training backward (``micro_batch``, ``begin_step``, ``add`` as `InRunRecorder`);
+    `end_step` (collective) gathers the rows of the step from all ranks in the single-process
+    order, and rank 0 appends them to ``train_records`` every ``flush_every`` steps and at `flush`
+    (local: no communication, so it may run in a ``finally``).
+
+    ``c_scale``: the factor between the loss whose backward a rank runs and the true batch loss
+    L: the trainer's rank loss is ``world size × Σ_own ℓ / B`` (DDP then averages over ranks),
+    so ``c_scale = 1 / world size`` makes the recorded ``c_w = ∂L/∂lw``, ``c_l`` the single-process
+    values. The Gram entries do not depend on it (they are divided by the captured scales).
+    """
+
+    TABLE = InRunRecorder.TABLE
+
+    def __init__(self, model, run: RunDir, cfg: RecorderConfig, *, world: World | None = None, loss: str = "dpo",
+                 loss_params: dict | None = None, flush_every: int = 20, c_scale: float = 1.0):
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+        self.world = _current_world() if world is None else world
+        self.run, self.flush_every, self.c_scale = run, flush_every, float(c_scale)
+        self.buffer = ShardBuffer(self.world.rank)
+        self.local = InRunRecorder(model, self.buffer, cfg, loss=loss, loss_params=loss_params, flush_every=1)
+        self.capture = self.local.capture
+        self._rows: list[dict] = []   # gathered rows of finished steps not yet on disk (all ranks keep them)
+        self._steps = 0
+
+    def micro_batch(self):
+        """`InRunRecorder.micro_batch` (this rank's capture)."""
+        return self.local.micro_batch()
+
+    def begin_step(self) -> None:
+        """`InRunRecorder.begin_step` (this rank's snapshot of θ_s, ``in_run_update`` only)."""
+        self.local.begin_step()
+
+    def add(self, *args, b_opt: float | None = None, **kwargs) -> None:
+        """`InRunRecorder.add`: the rows of this rank's micro-batch just captured. ``b_opt`` (the
+        coefficients ``d = ∓c·b_opt`` from the captured scales) is taken times ``c_scale``, as the
+        captured scales are ``1 / c_scale`` times those of the batch loss."""
+        if b_opt is not None:
+            kwargs["b_opt"] = b_opt * self.c_scale
+        self.local.add(*args, **kwargs)
+
+    def end_step(self) -> dict[str, float]:
+        """Close the step on every rank (collective): gather its rows, keep them for rank 0's next
+        write, and return the summaries of all the step's pairs (the same on every rank)."""
+        error = None
+        try:
+            self.local.end_step()
+        except Exception as e:
+            error = e
+        rows, _ = _gather_shards(self.buffer, error)
+        step_rows = rows.get(self.TABLE, [])
+        for r in step_rows:
+            r["c_w"], r["c_l"] = r["c_w"] * self.c_scale, r["c_l"] * self.c_scale
+        if not step_rows:
+            return {}
+        self._rows += step_rows
+        self._steps += 1
+        if self._steps >= self.flush_every:
+            self.flush()
+        return in_run_summary(step_rows)
+
+    def flush(self) -> None:
+        """Rank 0 appends the gathered rows of the finished steps to ``train_records.parquet``."""
+        if self._rows and self.world.is_main:
+            self.run.append(self.TABLE, self._rows)
+        self._rows, self._steps = [], 0
+
+
+def make_recorder(w: World, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig,
+                  **kwargs) -> Recorder | DistributedRecorder:
+    """`DistributedRecorder` in a multi-process run, else the plain `Recorder` (same arguments)."""
+    if w.distributed:
+        return DistributedRecorder(model, probe, ref, run, cfg, world=w, **kwargs)
+    return Recorder(model, probe, ref, run, cfg, **kwargs)
+
+
+def make_in_run_recorder(w: World, model, run: RunDir, cfg: RecorderConfig,
+                         **kwargs) -> InRunRecorder | DistributedInRunRecorder:
+    """`DistributedInRunRecorder` (``c_scale = 1 / world size``, see there) in a multi-process run,
+    else the plain `InRunRecorder` (same arguments)."""
+    if w.distributed:
+        return DistributedInRunRecorder(model, run, cfg, world=w, c_scale=1.0 / w.size, **kwargs)
+    return InRunRecorder(model, run, cfg, **kwargs)
