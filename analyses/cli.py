@@ -121,9 +121,10 @@ def _add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -
     from dynamics.core.grads import IMPLS
     from dynamics.inputs.data import STYLES
     from dynamics.runs.recorder import RecorderConfig
-    from dynamics.runs.train import DATA_KINDS, DTYPES, OPTIMIZERS, TrainConfig
+    from dynamics.runs.train import DATA_KINDS, DTYPES, OPTIMIZERS, PARALLEL, TrainConfig
 
-    choices = dict(impl=IMPLS, optimizer=OPTIMIZERS, dtype=tuple(DTYPES), data_kind=DATA_KINDS, style=tuple(STYLES))
+    choices = dict(impl=IMPLS, optimizer=OPTIMIZERS, dtype=tuple(DTYPES), data_kind=DATA_KINDS, style=tuple(STYLES),
+                   parallel=PARALLEL)
     defaults = defaults or {}
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "recorder"] + list(dataclasses.fields(RecorderConfig))
     for f in fields:
@@ -368,7 +369,7 @@ def cmd_screen(args) -> int:
 def cmd_attribute(args) -> int:
     import pandas as pd
 
-    from dynamics.core.attribution import attribution_frame, token_attributions
+    from dynamics.core.attribution import CONVERGED_REL, attribution_frame, token_attributions
     from dynamics.core.logprobs import shared_prompt
 
     model, tok, tp = _tokenized_for(args)
@@ -386,8 +387,11 @@ def cmd_attribute(args) -> int:
                                       n_steps=args.n_steps, baseline=args.baseline)
             frames.append(attribution_frame(attr).assign(pair_id=pid, delta=attr.delta,
                                                          gap=attr.value - attr.baseline_value))
-            print(f"{pid} {target}: f(x) - f(baseline) = {attr.value - attr.baseline_value:.4g}, "
-                  f"convergence delta {attr.delta:.2g}", file=sys.stderr)
+            gap = attr.value - attr.baseline_value
+            ok = attr.converged()
+            print(f"{pid} {target}: f(x) - f(baseline) = {gap:.4g}, convergence delta {attr.delta:.2g}"
+                  + ("" if ok else f" (|delta|/|gap| = {abs(attr.delta) / max(abs(gap), 1e-300):.2g} > "
+                                   f"{CONVERGED_REL}: not converged, raise --n-steps)"), file=sys.stderr)
     table = pd.concat(frames, ignore_index=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(args.out, index=False)
@@ -409,6 +413,8 @@ def cmd_trl_dpo(args) -> int:
     run_trl_dpo(args.out, model_name=args.model, data=args.data, style=args.style, steps=args.steps,
                 every=args.every, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                 beta=args.beta, n_probe=args.n_probe, seed=args.seed)
+    if not _is_main_process():  # torchrun / accelerate launch: rank 0 plots
+        return 0
     for p in _plot_run(Path(args.out)):
         print(f"wrote {p}")
     return 0
@@ -706,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", choices=styles, default="long_suffix")
     p.add_argument("--steps", type=pos_int, default=TRL_DPO["steps"])
     p.add_argument("--every", type=pos_int, default=TRL_DPO["every"])
-    p.add_argument("--batch-size", type=pos_int, default=TRL_DPO["batch_size"])
+    p.add_argument("--batch-size", type=pos_int, default=TRL_DPO["batch_size"],
+                   help="pairs per micro-batch, all processes together (torchrun / accelerate launch: each "
+                        "takes batch-size / processes)")
     p.add_argument("--grad-accum", type=pos_int, default=TRL_DPO["grad_accum"])
     p.add_argument("--lr", type=_finite, default=TRL_DPO["lr"])
     p.add_argument("--beta", type=_finite, default=TRL_DPO["beta"])

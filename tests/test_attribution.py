@@ -317,3 +317,20 @@ def test_tokens_from_a_tokenizer():
     assert "".join(a.tokens) == "The movie was wonderful."
     assert "".join(a.other_tokens) == " terrible."
     assert a.tokens[a.response_start:] == pairs.chosen[0].tokens
+
+
+def test_converged_flags_a_coarse_quadrature(model):
+    """`Attribution.converged`: a 64-step attribution is converged (|δ| ≪ gap, test_completeness),
+    a 1-step one on the zeros baseline of a pre-norm model is not (the nearly singular path of
+    the module docstring), and the threshold is |δ| ≤ CONVERGED_REL·|gap|, both ways."""
+    import dataclasses
+    from dynamics.core.attribution import CONVERGED_REL
+    good = token_attributions(model, W, PAD, n_steps=64, baseline="pad")
+    assert good.converged()
+    gap = good.value - good.baseline_value
+    at = lambda d: dataclasses.replace(good, delta=d)
+    assert at(0.99 * CONVERGED_REL * gap).converged() and not at(1.01 * CONVERGED_REL * gap).converged()
+    assert not at(-1.01 * CONVERGED_REL * gap).converged()
+    coarse = token_attributions(model, W, PAD, n_steps=1, baseline="zeros")
+    rel = abs(coarse.delta) / abs(coarse.value - coarse.baseline_value)
+    assert coarse.converged() is (rel <= CONVERGED_REL)

@@ -76,6 +76,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from dynamics.core.attribution import CONVERGED_REL
 from dynamics.core.conditions import CASES
 from dynamics.core.losses import LOSSES, resolve_hyper
 from dynamics.errors import InputError
@@ -118,8 +119,9 @@ OPTIONAL_REQUIRED = {"train_records": ("step", "pair_id", "pred_dw", "case_pred"
                      "contributions": ("step", "pair_id", "response", "train_pair", "contribution"),
                      "attributions": ("pair_id", "token", "attribution")}
 """Columns without which an optional table is not shown (a note says so)."""
-ATTRIBUTION_TOLERANCE = 0.1
-"""An attribution has not converged when captum's |δ| > ATTRIBUTION_TOLERANCE · |f(x) − f(baseline)|."""
+ATTRIBUTION_TOLERANCE = CONVERGED_REL
+"""An attribution has not converged when captum's |δ| > ATTRIBUTION_TOLERANCE · |f(x) − f(baseline)|
+(the library's one threshold, `dynamics.core.attribution.CONVERGED_REL`)."""
 BETA_FREE = {"dpo": "β", "rdpo": "β or α", "simpo": "β or γ"}  # d_w/d_l does not depend on these
 NLL_LOSSES = ("cpo", "rrhf", "slic", "sft")  # losses with a −λ·lw (or −λ·lw/|y_w|) term of weight lam (sft: 1)
 
