@@ -36,9 +36,20 @@ module, invisible to the hooks), ``ld_alpha`` (a per-token weighting), gradient 
 prompt-learning PEFT, vision datasets, DeepSpeed/FSDP, and a trainer that is not a TRL
 ``DPOTrainer`` or a callback that was not attached with ``attach``.
 
-What it cannot do: sharded or multi-process training (DeepSpeed ZeRO-3, FSDP, DDP — the
-parameter snapshot and the probe forward passes assume one process holding the whole model;
-it raises for ``world_size > 1``). It tokenizes the probe pairs itself (prompt and response
+Multi-process training (DDP: ``accelerate launch`` or ``torchrun``; the Trainer wraps the model in
+``DistributedDataParallel`` and accelerate initializes the process group) goes through
+`dynamics.runs.distributed`: the probe pairs are split into contiguous blocks over the ranks and
+each rank computes the reference log-probs of its block and records it on its own replica (the
+unwrapped model, so no probe backward reaches DDP's gradient hooks); the rows are gathered and
+rank 0 writes every file (``config.json`` included; the other ranks hold a `ReplicaRunDir`). In-run
+rows are those of each rank's own micro-batches, gathered at every step. The rows are those one
+process writes with the same global batch (accelerate shards the Trainer's batches so that the
+ranks' shares in rank order are the one-process batch), and the summaries added to the logs are
+computed from the gathered rows, so every rank logs the same ones. A rank that fails in the
+callback (a bad probe pair, an in-run row) makes every rank raise
+(`dynamics.runs.distributed.agree`). Not supported: sharded training (DeepSpeed, FSDP: the
+parameter snapshot and the probe passes need the whole model in every process), refused at
+train begin with `InputError`. It tokenizes the probe pairs itself (prompt and response
 separately, `dynamics.core.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
 when the training arguments come from TRL (TRL's preference trainers append EOS to
 non-conversational completions), so the probe log-probs are those of the sequences TRL trains on.
@@ -56,6 +67,8 @@ import torch
 
 from dynamics.core.logprobs import (TokenizedPairs, TokenizedSequence, pair_fingerprints, reference_logprobs,
                                     tokenize_pairs, unwrap)
+from dynamics.runs import distributed
+from dynamics.runs.distributed import shard_slice
 from dynamics.runs.rundir import RunDir, to_jsonable
 from dynamics.inputs.models import precision_name
 from dynamics.core.inrun import NONCONSTANT_REASON
@@ -104,13 +117,17 @@ class DynamicsCallback(TrainerCallback):
       divides it by the step's number of micro-batches GA (``current_gradient_accumulation_steps``;
       1 if the trainer scales for accumulation itself; divided by the fp16 grad-scaler scale). So
       ``d`` is TRL's own coefficient (any loss type, ``use_weighting``, ``f_divergence_type``) and
-      the predictions ``pred_dw, pred_dl, thr_w, thr_l, case_pred`` use it. ``loss_value`` is the
-      callback's ``loss``; when its d differs from TRL's beyond rounding a warning says so once.
+      the predictions ``pred_dw, pred_dl, thr_w, thr_l, case_pred`` use it. DDP over W processes:
+      B_micro is the rank's share, each rank backpropagates its own mean and DDP averages the
+      gradients, so the batch loss is the mean of the ranks' losses: ``c`` is recorded as the
+      rank's captured scale / W (∂ of the batch loss, the one-process value) and ``d`` as above.
+      ``loss_value`` is the callback's ``loss``; when its d differs from TRL's beyond rounding a
+      warning says so once.
     - ``ip_wl, sq_w, sq_l, cos_wl`` of θ = the trainable parameters (``recorder.params``), the
       gradients of the fused head's float32 log-probs; ``missing_reason`` as in
       `dynamics.core.inrun`.
-    Rows are flushed every 20 steps, at every ``on_save`` (after the trainer wrote the checkpoint)
-    and at train end.
+    Rows are flushed every 20 steps, at every ``on_save`` (after the trainer wrote the checkpoint),
+    at train end, and when the callback's own recording fails (the rows of the finished steps).
     """
 
     def __init__(self, probe_pairs: Sequence, out_dir: str | Path, recorder: RecorderConfig | None = None, *,
@@ -134,7 +151,9 @@ class DynamicsCallback(TrainerCallback):
         self.append_eos = append_eos
         self.pairs, self.ref, self.max_length = list(probe_pairs), ref, max_length
         self.others = list(others) if others is not None else None
-        self.run = RunDir(out_dir)
+        w = distributed.world()   # torchrun's environment (accelerate makes the process group later)
+        # ranks other than 0 of a multi-process run hold a replica that writes nothing
+        self.run = distributed.run_dir(out_dir, w) if w.size > 1 else RunDir(out_dir)
         self.rec: Recorder | None = None
         self._summary: dict | None = None
         self._t_step = self._t_rec = 0.0
@@ -192,15 +211,15 @@ class DynamicsCallback(TrainerCallback):
                              "the log-probs); set router_aux_loss_coef=0 or in_run=False")
         if getattr(tr, "_is_vision_dataset", False):
             raise InputError("in_run does not support vision datasets" + off.replace("set it off", "use text data"))
-        if getattr(tr, "is_deepspeed_enabled", False) or getattr(tr, "is_fsdp_enabled", False):
-            raise InputError("in_run does not support DeepSpeed or FSDP (sharded parameters, own loss scaling)" + off)
         peft = getattr(model, "peft_config", None)
         if isinstance(peft, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft.values()):
             raise InputError("in_run does not support prompt-learning PEFT (virtual tokens shift the log-probs); "
                              "use LoRA or in_run=False")
 
-    def _start_in_run(self, args, model) -> InRunRecorder:
-        inrun = InRunRecorder(model, self.run, self.recorder, loss=self.loss, loss_params=self.loss_params)
+    def _start_in_run(self, args, model, w: distributed.World):
+        # multi-process: each rank's own micro-batches, gathered every step (DistributedInRunRecorder)
+        inrun = distributed.make_in_run_recorder(w, model, self.run, self.recorder, loss=self.loss,
+                                                 loss_params=self.loss_params)
         base = unwrap(model)
         get_head = getattr(base, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
@@ -233,7 +252,13 @@ class DynamicsCallback(TrainerCallback):
                     h.remove()
         t = time.perf_counter()
         num_items = args[0] if args else kwargs.get("num_items_in_batch")
-        self._add_rows(inputs, sink, num_items)
+        failed = None
+        try:
+            self._add_rows(inputs, sink, num_items)
+        except Exception as e:
+            failed = e
+        with self._flush_on_error():
+            distributed.agree(failed)   # multi-process: one rank's failure stops every rank here (else: raises it)
         self._t_rec += cap.seconds + time.perf_counter() - t
         self._micro += 1
         return loss
@@ -276,9 +301,14 @@ class DynamicsCallback(TrainerCallback):
         sched = getattr(tr, "lr_scheduler", None)
         lr = sched.get_last_lr()[0] if sched is not None else tr.args.learning_rate
         b_opt = self._b_opt(B, num_items_in_batch)
+        # Multi-process (DDP): this rank's loss is Σ_own ℓ / (B·GA) and DDP averages the gradients over
+        # the W ranks, so the batch loss is L = (1/W) Σ_ranks Σ_own ℓ / (B·GA): ∂L/∂logp = c / W, which
+        # DistributedInRunRecorder records (c_scale = 1/W); it takes b_opt of L (W·B·GA) times c_scale,
+        # so that d = ∓c·B·GA stays TRL's coefficient.
+        b_rows = b_opt / getattr(self.inrun, "c_scale", 1.0)
         self.inrun.add(tr.state.global_step, pair_fingerprints(pairs), lw=sums[:B], ll=sums[B:], len_w=n[:B],
                        len_l=n[B:], ref_w=rw, ref_l=rl, lr=lr, micro=self._micro,
-                       pairs=pairs if self.recorder.in_run_update else None, b_opt=b_opt)
+                       pairs=pairs if self.recorder.in_run_update else None, b_opt=b_rows)
         if not self._loss_checked:
             self._check_loss(sums[:B], sums[B:], rw, rl, n[:B], n[B:], b_opt, lp.dtype)
 
@@ -313,41 +343,85 @@ class DynamicsCallback(TrainerCallback):
                 return pad
         return 0
 
+    def _check_parallel(self, args, model) -> distributed.World:
+        """The `World` of a run the callback can record: one process, or DDP with the process group
+        accelerate made; `InputError` for sharded training (DeepSpeed, FSDP)."""
+        sharded = _sharded_training(args, self._trainer, model)
+        if sharded:
+            raise InputError(f"DynamicsCallback does not support {sharded}: the parameters are sharded over the "
+                             "processes, while the parameter snapshot and the probe forward and backward passes need "
+                             "the whole model in every process; train with DDP (accelerate launch without "
+                             "--use_deepspeed/--use_fsdp, or torchrun) or in one process")
+        w = distributed.world()
+        size = int(getattr(args, "world_size", 1) or 1)
+        if size > 1 and not (w.distributed and w.size == size):
+            raise RuntimeError(f"DynamicsCallback: the trainer runs {size} processes but torch.distributed has "
+                               f"{'no process group' if not w.initialized else f'a group of {w.size}'}; launch with "
+                               "accelerate launch or torchrun")
+        return w
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if getattr(args, "world_size", 1) > 1:
-            raise RuntimeError("DynamicsCallback supports single-process training only (world_size > 1)")
+        w = self._check_parallel(args, model)
+        model = _unwrap_ddp(model)  # DDP: the diagnostics run on the replica itself, never through DDP's hooks
+        self.run = distributed.run_dir(self.run.path, w) if w.distributed else RunDir(self.run.path)
         self.inrun = None
-        if self.recorder.in_run:
-            self._in_run_checks(args, model)
-            inrun = self._start_in_run(args, model)
-        tok = processing_class if processing_class is not None else kwargs.get("tokenizer")
-        tok = getattr(tok, "tokenizer", tok)  # processors wrap a tokenizer
-        eos = self.append_eos
-        if eos == "auto":
-            eos = type(args).__module__.split(".")[0] == "trl"
-        probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length, append_eos=eos)
-        ref = self.ref
-        if ref is None:
-            disable = getattr(model, "disable_adapter", None)
-            with (disable() if callable(disable) else contextlib.nullcontext()), outside_autocast(model):
-                ref = reference_logprobs(model, probe)
         cfg = self.recorder
-        # the trainer's precision (its steps); the diagnostics always run in the parameters' dtype
-        precision = precision_name(bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)))
-        name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-        self.run.write_config(dict(model=name, loss=self.loss, loss_params=self.loss_params, lr=args.learning_rate,
-                                   recorder=cfg, trainer=type(args).__name__, append_eos=eos, precision=precision,
-                                   diagnostics_precision="parameters' dtype, outside autocast",
-                                   training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}),
-                              writer="DynamicsCallback")
-        sets = None
-        if cfg.probes:
-            from dynamics.core.probes import build_probe_sets
-            sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
-        self.rec = Recorder(model, probe, ref, self.run, cfg, loss=self.loss, loss_params=self.loss_params,
-                            lr=args.learning_rate, tokenizer=tok, probe_sets=sets)
+        # every rank validates; if one fails, all raise (distributed.agree) before anything is written
+        failed = inrun = None
+        try:
+            if cfg.in_run:
+                self._in_run_checks(args, model)
+                inrun = self._start_in_run(args, model, w)
+            tok = processing_class if processing_class is not None else kwargs.get("tokenizer")
+            tok = getattr(tok, "tokenizer", tok)  # processors wrap a tokenizer
+            eos = self.append_eos
+            if eos == "auto":
+                eos = type(args).__module__.split(".")[0] == "trl"
+            probe = tokenize_pairs(tok, self.pairs, max_length=self.max_length, append_eos=eos)
+        except Exception as e:
+            failed = e
+        distributed.agree(failed)
+
+        # multi-process: each rank computes those of its block of the probe pairs (the block its recorder
+        # measures, in the same batches: at step 0 the margin is exactly 0, as in one process), all gathered
+        ref = self.ref if self.ref is not None else _sharded_reference(model, probe, w)
+        failed = None
+        try:
+            # the trainer's precision (its steps); the diagnostics always run in the parameters' dtype
+            precision = precision_name(bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)))
+            name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+            self.run.write_config(dict(model=name, loss=self.loss, loss_params=self.loss_params,
+                                       lr=args.learning_rate, recorder=cfg, trainer=type(args).__name__,
+                                       append_eos=eos, precision=precision, processes=w.size,
+                                       diagnostics_precision="parameters' dtype, outside autocast",
+                                       training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}),
+                                  writer="DynamicsCallback")                    # rank 0 only
+            sets = None
+            if cfg.probes:
+                from dynamics.core.probes import build_probe_sets
+                sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
+            # multi-process: each rank records its block of the probe pairs, rank 0 writes them all
+            rec = distributed.make_recorder(w, model, probe, ref, self.run, cfg, loss=self.loss,
+                                            loss_params=self.loss_params, lr=args.learning_rate, tokenizer=tok,
+                                            probe_sets=sets)
+        except Exception as e:
+            failed = e
+        distributed.agree(failed)
+        self.rec = rec
         if cfg.in_run:
             self.inrun, self._micro, self._loss_checked = inrun, 0, False
+
+    @contextlib.contextmanager
+    def _flush_on_error(self):
+        """When the block raises, the in-run rows of the finished steps are written before the error
+        leaves (the trainer does not call ``on_train_end`` then); local, no communication."""
+        try:
+            yield
+        except BaseException:
+            if self.inrun is not None:
+                with contextlib.suppress(Exception):
+                    self.inrun.flush()
+            raise
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t_step, self._t_rec = time.perf_counter(), 0.0
@@ -356,13 +430,15 @@ class DynamicsCallback(TrainerCallback):
         if self.rec is not None and self.recorder.due(state.global_step):
             t = time.perf_counter()
             lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
-            self.rec.before_update(state.global_step, lr=lr)
+            with self._flush_on_error():
+                self.rec.before_update(state.global_step, lr=lr)
             self._t_rec += time.perf_counter() - t
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.rec is not None and self.rec.pending:
             t = time.perf_counter()
-            self._summary = self.rec.after_update()
+            with self._flush_on_error():
+                self._summary = self.rec.after_update()
             self._t_rec += time.perf_counter() - t
         if self.inrun is not None and self._micro:
             t = time.perf_counter()
@@ -392,6 +468,56 @@ class DynamicsCallback(TrainerCallback):
             self.inrun.flush()
         if self.rec is not None:
             self.rec.final(state.global_step)
+
+
+def _sharded_reference(model, probe: TokenizedPairs, w: distributed.World) -> pd.DataFrame:
+    """Reference log-probs of ``probe`` (TRL's default reference: the model as it is; a PEFT model
+    with its adapters disabled), outside autocast. Multi-process: each rank computes its block
+    (`dynamics.runs.distributed.shard_slice`), the blocks are gathered on every rank in rank order;
+    an error on one rank raises on all."""
+    def reference(pairs):
+        disable = getattr(model, "disable_adapter", None)
+        with (disable() if callable(disable) else contextlib.nullcontext()), outside_autocast(model):
+            return reference_logprobs(model, pairs)
+
+    if not w.distributed:
+        return reference(probe)
+    block = shard_slice(len(probe), w.rank, w.size)
+    failed = mine = None
+    try:
+        if block.stop > block.start:
+            mine = reference(probe.subset(range(block.start, block.stop)))
+    except Exception as e:
+        failed = e
+    distributed.agree(failed)
+    parts = [p for p in distributed.gather_objects(mine) if p is not None]
+    return pd.concat(parts, ignore_index=True) if parts else reference(probe)
+
+
+def _unwrap_ddp(model):
+    """``model`` without its ``DistributedDataParallel`` wrappers (a PEFT wrapper stays)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def _sharded_training(args, trainer, model) -> str | None:
+    """``"DeepSpeed"`` or ``"FSDP"`` when the trainer shards the model that way (from the trainer,
+    its arguments, accelerate's launch environment or the model's wrapper), else None."""
+    import os
+
+    kind = str(getattr(getattr(trainer, "accelerator", None), "distributed_type", "")).upper()
+    name = type(model).__name__
+    if (getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None) or "DEEPSPEED" in kind
+            or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or name == "DeepSpeedEngine"):
+        return "DeepSpeed"
+    if (getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None) or "FSDP" in kind
+            or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or "FullyShardedDataParallel" in name
+            or name.startswith("FSDP")):
+        return "FSDP"
+    return None
 
 
 class _FusedOutputs:

@@ -46,6 +46,8 @@ import dataclasses
 import inspect
 import os
 import tempfile
+import time
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -63,7 +65,9 @@ from dynamics.runs.rundir import RunDir, atomic_write_bytes
 __all__ = ["World", "world", "process_group_from_env", "rank_device", "shard_slice", "check_batch",
            "rank_micro_batches", "gather_objects", "agree", "all_mean", "on_main", "RankFailed", "RankFailedInput",
            "ReplicaRunDir", "run_dir", "PairForward", "training_forward", "gradient_sync", "ShardBuffer",
-           "DistributedRecorder", "DistributedInRunRecorder", "make_recorder", "make_in_run_recorder"]
+           "DistributedRecorder", "DistributedInRunRecorder", "make_recorder", "make_in_run_recorder",
+           "Gathered", "fsdp_units", "full_parameters", "bind_full_parameters", "FSDP_FORWARD", "shard_model",
+           "ShardedPairForward"]
 
 DEFAULT_TIMEOUT_S = 1800
 """Timeout of the process group's collectives (seconds): a backstop only, the error protocol
@@ -369,9 +373,12 @@ def training_forward(model: nn.Module, w: World | None = None) -> nn.Module:
     are never trained and equal on every rank; broadcasting them would add a collective to every
     forward, also to one that then fails on one rank) and with ``find_unused_parameters=False``;
     its construction broadcasts rank 0's parameters, so replicas start identical. The diagnostics
-    use ``model`` itself, never this wrapper.
+    use ``model`` itself, never this wrapper. A model sharded by `shard_model` (FSDP2) gets its
+    `ShardedPairForward` instead (FSDP2 averages the gradients as DDP does).
     """
     w = world() if w is None else w
+    if fsdp_units(model):                  # sharded by `shard_model`: FSDP2 reduces the gradients, no DDP
+        return ShardedPairForward(model)
     fw = PairForward(model)
     if not w.distributed:
         return fw
@@ -492,12 +499,21 @@ class DistributedRecorder:
     first probe pairs overall, so a rank saves the token Grams of those in its block.
     ``probe_sets`` (``{pair_id: probes}``, all probe pairs) is cut to the block. ``run``: the real
     run directory (`ReplicaRunDir` on ranks other than 0); other keyword arguments go to `Recorder`.
+
+    An FSDP2 model (`shard_model`, or any ``fully_shard``-ed one) is measured inside
+    `bind_full_parameters`: each call gathers the full parameters once (its cost: see
+    `full_parameters`), so θ_s, Δθ and every Gram are those of the whole model, identical on
+    every rank, and the training's sharded state is left as it was. ``cross`` is not supported
+    there (the optimizer state it reads is sharded).
     """
 
     def __init__(self, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig, *,
                  world: World | None = None, probe_sets: dict | None = None, **kwargs):
         self.world = _current_world() if world is None else world
-        self.run, self.cfg = run, cfg
+        self.model, self.run, self.cfg = model, run, cfg
+        if cfg.cross and fsdp_units(model):
+            raise InputError("cross is not supported with FSDP yet: the per-training-pair split reads the optimizer "
+                             "state, which FSDP shards")
         block = shard_slice(len(probe), self.world.rank, self.world.size)
         self.buffer = ShardBuffer(self.world.rank)
         self.local: Recorder | None = None
@@ -528,8 +544,9 @@ class DistributedRecorder:
         try:
             if train_batch is not None:
                 train_batch = _gather_micro_batches(train_batch)
-            if self.local is not None:
-                self.local.before_update(step, lr, train_batch=train_batch, **kwargs)
+            with self._full_parameters():
+                if self.local is not None:
+                    self.local.before_update(step, lr, train_batch=train_batch, **kwargs)
         except Exception as e:
             error = e
         agree(error)
@@ -552,13 +569,19 @@ class DistributedRecorder:
     def _collect(self, call: Callable[[], Any]) -> dict[str, list[dict]]:
         error = None
         try:
-            if self.local is not None:
-                call()
+            with self._full_parameters():
+                if self.local is not None:
+                    call()
         except Exception as e:
             error = e
         rows, files = _gather_shards(self.buffer, error)
         _write_gathered(self.run, rows, files, self.world)
         return rows
+
+    def _full_parameters(self):
+        """An FSDP2 model's full parameters for this rank's measurements (`bind_full_parameters`,
+        collective: every rank enters it, also one with an empty block); nothing otherwise."""
+        return bind_full_parameters(self.model, [None if self.local is None else self.local.analyzer])
 
 
 class DistributedInRunRecorder:
@@ -646,3 +669,232 @@ def make_in_run_recorder(w: World, model, run: RunDir, cfg: RecorderConfig,
     if w.distributed:
         return DistributedInRunRecorder(model, run, cfg, world=w, c_scale=1.0 / w.size, **kwargs)
     return InRunRecorder(model, run, cfg, **kwargs)
+
+
+# ------------------------------------------------------------------ FSDP2: the full parameters for the probe pass
+#
+# With FSDP2 (``torch.distributed.fsdp.fully_shard``; also what the transformers/accelerate FSDP2
+# plugin builds) every rank holds 1/size of each parameter, as a DTensor. The gradient inner
+# products of the diagnostics contract per-example gradients over θ. Two ways to get them:
+#
+# (1) run the ghost hooks on the unsharded modules inside FSDP's own forward/backward and sum the
+#     per-rank partial contractions with one all-reduce: cheap in memory, but the ghost engine's
+#     lm_head path and its norm-layer fallback read whole weights (``head.weight``, a norm's
+#     ``weight``) outside FSDP's hooks, where they are sharded, and the token Grams, jvps (Δθ
+#     effects) and Δθ = θ_{s+1} − θ_s itself would each need their own partial-sum protocol;
+# (2) gather the analysed parameters for the probe pass and run the unchanged single-process code.
+#
+# We do (2), with FSDP's own machinery (`full_parameters`): every FSDP unit is unsharded (its
+# parameters all-gathered into the module) with resharding after forward/backward switched off, so
+# every probe forward, backward, jvp and direct weight read sees whole tensors; then every unit is
+# resharded and its settings restored. Cost: one all-gather of the analysed units' parameters per
+# window (each rank receives the (size−1)/size of them it does not hold: `Gathered.bytes` counts
+# their full size) and the full model in memory for its duration (as DDP holds it all the time);
+# nothing else is communicated, and the values are those of one process, bit for bit on the same
+# inputs. The training's ``.grad`` (the sharded gradients) is never touched: inside the window the
+# modules hold FSDP's unsharded parameters, which the probe pass does not accumulate into.
+
+@dataclass(frozen=True)
+class Gathered:
+    """What one `full_parameters` window gathered: ``units`` FSDP units, ``bytes`` the full size of
+    their parameters (the all-gathered data), ``seconds`` the wall time of the all-gathers."""
+    units: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units (`torch.distributed.fsdp.FSDPModule`) in ``model`` (itself included), in
+    ``modules()`` order; ``[]`` for a plain or DDP model, or without FSDP2 in this torch."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _fsdp_state(unit):
+    """FSDP2's per-unit state (torch 2.13 internals: ``_get_fsdp_state``); `InputError` if this
+    torch's FSDP2 has another shape (the reshard settings could not be restored)."""
+    get = getattr(unit, "_get_fsdp_state", None)
+    state = get() if callable(get) else None
+    if state is None or not hasattr(state, "_fsdp_param_groups"):
+        raise InputError("full_parameters: this torch's FSDP2 internals differ from torch 2.13's "
+                         "(no _get_fsdp_state()._fsdp_param_groups); the probe pass cannot gather the parameters")
+    return state
+
+
+def _save_reshard_settings(units: Sequence[nn.Module]) -> list:
+    """Each unit's reshard-after-forward/backward settings, exactly (FSDP2 has setters but no
+    getters: its state is read), for `_restore_reshard_settings`."""
+    saved = []
+    for unit in units:
+        state = _fsdp_state(unit)
+        groups = [(g, g.post_forward_mesh_info, g.reshard_after_backward) for g in state._fsdp_param_groups]
+        saved.append((state, state._auto_reshard_after_forward, groups))
+    return saved
+
+
+def _restore_reshard_settings(saved: list) -> None:
+    for state, auto, groups in saved:
+        state._auto_reshard_after_forward = auto
+        for g, post_forward, after_backward in groups:
+            g.post_forward_mesh_info, g.reshard_after_backward = post_forward, after_backward
+
+
+_GATHERED: set[int] = set()
+"""``id`` of the FSDP units inside an open `full_parameters` window (a nested call skips them)."""
+
+
+def _top_units(units: Sequence[nn.Module]) -> list[nn.Module]:
+    """The units not inside another unit: the roots FSDP finds at the first forward."""
+    inner = {id(m) for u in units for m in u.modules() if m is not u}
+    return [u for u in units if id(u) not in inner]
+
+
+def _full_size(units: Sequence[nn.Module]) -> int:
+    """Bytes of the full sharded parameters of ``units`` (each once, in their stored dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    params = {id(p): p for u in units for p in u.parameters() if isinstance(p, DTensor)}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[Gathered]:
+    """Collective context: the FSDP2 units of ``model`` hold their full (unsharded) parameters for
+    the duration, so that the diagnostics (`dynamics.core`, the `Recorder`) run on ``model`` as in
+    one process; a no-op (yields an empty `Gathered`) for a plain or DDP model. Every rank must
+    enter it at the same point (the entry all-gathers). Yields a `Gathered` (units, bytes, seconds).
+
+    On entry, for every unit: resharding after forward and after backward is switched off
+    (``set_reshard_after_forward(False)``, ``set_reshard_after_backward(False)``, not recursive)
+    and the unit is unsharded (``unshard()``, one all-gather of its parameters); units never run
+    yet are first initialized as their first forward would (the roots). Inside, the modules'
+    parameters are FSDP's unsharded parameters (plain tensors, the same on every rank), so the
+    diagnostics' parameter dicts must be taken inside (`bind_full_parameters`). Writes to them
+    are not sharded back (the Recorder puts θ_s in and restores θ_{s+1} bit for bit). On exit,
+    also after an error: every unit is resharded (no communication) and its reshard settings are
+    restored exactly. The training's sharded parameters, their ``.grad`` and the optimizer state
+    are not touched. Why gather rather than sum partial contractions, and the cost: see the
+    comment above this section. Inside a window of the same units, a nested call gathers nothing
+    and leaves them unsharded (yields an empty `Gathered`). With an FSDP ``MixedPrecisionPolicy``
+    the gathered parameters are in its ``param_dtype``, as in FSDP's own forward.
+    """
+    units = [u for u in fsdp_units(model) if id(u) not in _GATHERED]
+    if not units:
+        yield Gathered()
+        return
+    for root in _top_units(units):
+        state = _fsdp_state(root)
+        if state._is_root is None:     # never run: FSDP's lazy initialization of the first forward
+            state._lazy_init()
+    saved = _save_reshard_settings(units)
+    size = _full_size(units)
+    _GATHERED.update(id(u) for u in units)
+    try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+        t0 = time.perf_counter()
+        for unit in units:
+            unit.unshard()
+        if any(_uses_cuda(str(p.device)) for p in model.parameters()):
+            torch.cuda.synchronize()
+        yield Gathered(len(units), size, time.perf_counter() - t0)
+    finally:
+        try:
+            for unit in units:
+                unit.reshard()
+            _restore_reshard_settings(saved)
+        finally:
+            _GATHERED.difference_update(id(u) for u in units)
+
+
+@contextlib.contextmanager
+def bind_full_parameters(model: nn.Module, analyzers: Iterable[Any] = ()) -> Iterator[Gathered]:
+    """`full_parameters` of ``model``, with the parameter dict (``params``, canonical name ->
+    parameter) of every given `dynamics.core.analyzer.Analyzer` bound to the gathered parameters
+    of the same names for the duration and put back afterwards. (An Analyzer resolves θ when it
+    is made, on the sharded model; inside the window the modules hold other tensors.) A no-op
+    for a model without FSDP2 units; None entries of ``analyzers`` are skipped."""
+    analyzers = [a for a in analyzers if a is not None]
+    with full_parameters(model) as gathered:
+        if not fsdp_units(model):
+            yield gathered
+            return
+        named = dict(model.named_parameters())
+        saved = [(a, a.params) for a in analyzers]
+        try:
+            for a in analyzers:
+                missing = sorted(set(a.params) - set(named))
+                if missing:
+                    raise InputError(f"the analysed parameters {missing[:3]} are not parameters of the FSDP model")
+                a.params = {n: named[n] for n in a.params}
+            yield gathered
+        finally:
+            for a, params in saved:
+                a.params = params
+
+
+FSDP_FORWARD = "dynamics_pair_logprobs"
+"""The method `shard_model` adds to a sharded model: ``model.dynamics_pair_logprobs(pairs)`` is
+`dynamics.core.logprobs.pair_logprobs` run as a forward of the FSDP root (its parameters gathered
+before, gradients reduce-scattered after the backward)."""
+
+
+def _pair_logprobs_method(self, pairs: TokenizedPairs) -> PairLogProbs:
+    out = pair_logprobs(self, pairs)
+    # the chosen/rejected halves are views of one stacked tensor: FSDP warns about views among a
+    # root's outputs (an in-place op on one would drop its pre-backward hook); (B, L) copies
+    return PairLogProbs(*(dataclasses.replace(s, token_logps=s.token_logps.clone()) for s in (out.chosen, out.rejected)))
+
+
+def shard_model(model: nn.Module, w: World | None = None) -> nn.Module:
+    """Shard a transformers causal LM with FSDP2 (``fully_shard``) over the process group, in place
+    (returned for convenience); unchanged without a multi-process group.
+
+    Units: every decoder layer (the classes in the model's ``_no_split_modules``, as the
+    transformers/accelerate FSDP plugin wraps them) and the whole model as the root, which holds
+    the embeddings, the final norm and the head — a tied head and its embedding in one unit (FSDP2
+    shares a parameter only within a unit: a tied head wrapped as a unit of its own sees a sharded
+    weight). The trainer and the diagnostics call the body and the head separately
+    (`dynamics.core.logprobs.body_and_head`), never the model's ``forward``, so the training forward
+    is registered as an FSDP forward method of the root (`FSDP_FORWARD`, used by
+    `training_forward`): the root's parameters are gathered before it and its gradients
+    reduce-scattered after the backward. Gradients are averaged over the ranks, as with DDP, so
+    the trainer's loss scaling is the same. PEFT (LoRA) models are refused (`InputError`).
+    """
+    w = world() if w is None else w
+    if not w.distributed:
+        return model
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if hasattr(model, "get_base_model"):
+        raise InputError("parallel='fsdp' does not support LoRA (PEFT) models yet; use parallel='ddp'")
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise InputError(f"parallel='fsdp' wraps the decoder layers named by a transformers model's "
+                         f"_no_split_modules; {type(model).__name__} has none: use parallel='ddp'")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    setattr(model, FSDP_FORWARD, types.MethodType(_pair_logprobs_method, model))
+    register_fsdp_forward_method(model, FSDP_FORWARD)
+    return model
+
+
+class ShardedPairForward(nn.Module):
+    """`PairForward` of a model sharded by `shard_model`: ``forward(pairs)`` calls its
+    `FSDP_FORWARD` method (the FSDP root's forward), so the same ``pair_logprobs``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not callable(getattr(model, FSDP_FORWARD, None)):
+            raise InputError("the model has FSDP2 units but was not sharded by dynamics.runs.distributed.shard_model "
+                             "(no training forward registered on its root)")
+        self.model = model
+
+    def forward(self, pairs: TokenizedPairs) -> PairLogProbs:
+        return getattr(self.model, FSDP_FORWARD)(pairs)

@@ -9,8 +9,10 @@ predicted and actual changes, what-if table, token Grams) into the run directory
 ``recorder.in_run`` a `dynamics.runs.recorder.InRunRecorder` also records, at every step, the
 pairs being trained on (``train_records.parquet``), from hooks on the training backward itself.
 
-Launched by ``torchrun`` with several processes, the same run is trained with DDP and recorded by
-all ranks, and rank 0 writes the same run directory as one process (`dynamics.runs.distributed`).
+Launched by ``torchrun`` with several processes, the same run is trained with DDP (or, with
+``parallel='fsdp'``, FSDP2: the model sharded, the probe diagnostics run on the gathered full
+parameters) and recorded by all ranks, and rank 0 writes the same run directory as one process
+(`dynamics.runs.distributed`).
 
 Checkpoints (``checkpoint/``: trainable parameters, optimizer state, step) are written
 atomically every ``save_every`` steps; ``resume=True`` continues from the last one and drops
@@ -55,6 +57,11 @@ from dynamics.runs.rundir import (RunDir, atomic_write_bytes, cached_reference_l
 
 DATA_KINDS = data_mod.DATA_KINDS
 OPTIMIZERS = ("adamw", "sgd")
+PARALLEL = ("ddp", "fsdp")
+"""How a multi-process run (torchrun) trains: DDP (every rank holds the model) or FSDP2 (sharded,
+`dynamics.runs.distributed.shard_model`)."""
+FSDP_UNSUPPORTED = ("in_run", "cross", "lora_r", "save_every", "resume")
+"""Options not supported with ``parallel='fsdp'`` yet (`InputError`)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -87,6 +94,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, splits and tiny-model init"})
     dtype: str = field(default="float32", metadata={"help": "float32, float64 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    parallel: str = field(default="ddp", metadata={"help": "multi-process training under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: decoder layers and the root sharded; the probe diagnostics gather the full parameters once per recorded call); one process: ignored"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     recorder: RecorderConfig = field(default_factory=RecorderConfig, metadata={"help": "what is recorded (RecorderConfig)"})
 
@@ -116,6 +124,7 @@ class TrainConfig:
         self.loss_params = resolve_hyper(self.loss, self.loss_params)
         for name, ok, valid in [("data_kind", self.data_kind in DATA_KINDS, DATA_KINDS),
                                 ("optimizer", self.optimizer in OPTIMIZERS, OPTIMIZERS),
+                                ("parallel", self.parallel in PARALLEL, PARALLEL),
                                 ("dtype", self.dtype in DTYPES, tuple(DTYPES))]:
             if not ok:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(valid)}")
@@ -143,6 +152,13 @@ class TrainConfig:
         if self.recorder.in_run and self.lora_r and self.recorder.params not in ("trainable", "lora"):
             raise InputError(f"in_run with LoRA measures the gradients the training backward computes, those of the "
                              f"adapters: use params 'trainable' or 'lora', not {self.recorder.params!r}")
+        if self.parallel == "fsdp":
+            flat = self.flat()
+            used = [name for name in FSDP_UNSUPPORTED if flat[name]]
+            if used:
+                raise InputError(f"parallel='fsdp' does not support {', '.join(used)} yet (sharded optimizer state, "
+                                 f"checkpoints and training-backward capture are not implemented for FSDP); "
+                                 f"use parallel='ddp'")
         if self.resume and self.overwrite:
             raise InputError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite moves it aside and starts a new one")
@@ -377,7 +393,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None) -> RunDir:
     `RunInterrupted` (where the run stopped, how to resume).
     """
     where: dict = {}  # "run": the RunDir once created
-    # under torchrun (WORLD_SIZE > 1): one process per rank, DDP (`dynamics.runs.distributed`)
+    # under torchrun (WORLD_SIZE > 1): one process per rank, DDP or FSDP2 (`dynamics.runs.distributed`)
     with distributed.process_group_from_env(cfg.device):
         try:
             return _train(cfg, model, tokenizer, where)
@@ -451,6 +467,10 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
         lambda: cached_reference_logprobs(model, train_tp, run.path / "ref_train.parquet", context=context))
     ref_probe = distributed.on_main(
         lambda: cached_reference_logprobs(model, probe_tp, run.path / "ref_probe.parquet", context=context))
+    probe_sets = (build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed=cfg.seed)
+                  if cfg.recorder.probes else None)
+    if cfg.parallel == "fsdp":  # multi-process: shard now (the references and probe sets above used the whole model)
+        model = distributed.shard_model(model, world)
     opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.lr,
                           cfg.weight_decay)
     start = 0
@@ -463,16 +483,15 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
         run.truncate_after("train", start)
     # multi-process: each rank records its block of the probe pairs, rank 0 writes them all
     rec = distributed.make_recorder(world, model, probe_tp, ref_probe, run, cfg.recorder, loss=cfg.loss,
-                   loss_params=cfg.loss_params, lr=cfg.lr, tokenizer=tokenizer,
-                   probe_sets=build_probe_sets(model, tokenizer, probe_pairs, train_pairs, seed=cfg.seed)
-                   if cfg.recorder.probes else None)
+                   loss_params=cfg.loss_params, lr=cfg.lr, tokenizer=tokenizer, probe_sets=probe_sets)
     batches = _batches(len(train_tp), cfg.batch_size, cfg.seed)
     for _ in range(start):  # the same batch sequence as an uninterrupted run
         next(batches)
     # in_run: every step's training pairs, measured on the training backward (train_records.parquet)
     inrun = (distributed.make_in_run_recorder(world, model, run, cfg.recorder, loss=cfg.loss,
                                               loss_params=cfg.loss_params) if cfg.recorder.in_run else None)
-    fw = distributed.training_forward(model, world)  # fw(pairs) = pair_logprobs(model, pairs), DDP-wrapped if needed
+    # fw(pairs) = pair_logprobs(model, pairs), DDP-wrapped if needed (FSDP: the sharded root's forward)
+    fw = distributed.training_forward(model, world)
     fw.train()  # and the model
     try:
         for step in tqdm(range(start, cfg.steps), desc=cfg.loss, disable=not cfg.progress or not world.is_main,
