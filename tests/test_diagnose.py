@@ -721,9 +721,18 @@ def test_layering(module):
             assert not node.module.startswith("analyses")
             if node.module.startswith("dynamics"):
                 assert not [a.name for a in node.names if a.name.startswith("_")], node.module
-                assert not node.module.startswith("dynamics.core.attribution")
         elif isinstance(node, ast.Import):
             assert not any(a.name.startswith("analyses") for a in node.names)
+
+
+def test_report_does_not_import_captum():
+    """The report reads attribution tables and shares the convergence threshold, but loading it
+    does not import captum (nor torch's model code through it)."""
+    import subprocess
+    import sys
+    code = ("import sys, dynamics.tools.diagnose, dynamics.tools.report_html; "
+            "assert 'captum' not in sys.modules, 'captum imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_long_tables_are_capped():

@@ -61,7 +61,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from captum.attr import LayerIntegratedGradients
 
 from dynamics.core.grads import analysis_mode
 from dynamics.core.logprobs import (Batch, TokenizedSequence, batch_logprobs, check_context, collate,
@@ -268,6 +267,8 @@ def token_attributions(model, seq: TokenizedSequence, pad_id: int, *, target: st
             with torch.no_grad():
                 pad_vec = emb(torch.tensor([[pad_id]], device=device))[0, 0]      # (d,), before the hook
             base_vec.append(torch.zeros_like(pad_vec) if baseline == "zeros" else pad_vec)
+            from captum.attr import LayerIntegratedGradients  # here: importing this module stays light
+
             lig = LayerIntegratedGradients(forward, emb)
             attr, delta = lig.attribute(batch.input_ids, baselines=base_ids, n_steps=n_steps, method=method,
                                         internal_batch_size=internal_batch_size, return_convergence_delta=True)
