@@ -22,8 +22,6 @@ of LoRA), 5e-13 (LoRA probe records), all below TOL32 = 5.7e-6.
 """
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +30,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+import launch  # tests/launch.py (pytest puts tests/ on sys.path)
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -65,31 +65,11 @@ CLI = ["trl-dpo", "--model", "tiny-llama", "--steps", "2", "--every", "1", "--ba
        "--style", "short_suffix"]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent), **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+_env, _free_port, _torchrun = launch.env, launch.free_port, launch.torchrun
 
 
 def _finish(procs) -> list[tuple[int, str, str]]:
-    """(return code, stdout, stderr) of each process; all killed and the test failed on a timeout."""
-    try:
-        outs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the processes did not finish within {LAUNCH_TIMEOUT_S} s (a hang)")
-    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    return launch.finish(procs, LAUNCH_TIMEOUT_S)
 
 
 def _spec(root: Path, cases: dict) -> list[dict]:

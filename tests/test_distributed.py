@@ -6,8 +6,6 @@ every token Gram, row for row, to 1e-10 relative in float64 — plain, with grad
 with LoRA. A rank that fails on its own input stops both processes with the error (no hang), and
 the rows of the completed steps are on disk. The workers are `tests/distributed_worker.py`."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+import launch  # tests/launch.py (pytest puts tests/ on sys.path)
 
 from dynamics.errors import InputError
 from dynamics.runs import distributed
@@ -48,31 +48,11 @@ CLI_ARGS = ["train", "--model", "tiny-llama", "--n-pairs", "24", "--n-probe", "4
             "--eval-every", "1", "--lr", "0.01", "--dtype", "float64", "--in-run", "--no-progress"]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent), **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+_env, _free_port, _torchrun = launch.env, launch.free_port, launch.torchrun
 
 
 def _finish(procs) -> list[tuple[int, str, str]]:
-    """(return code, stdout, stderr) of each process; all killed and the test failed on a timeout."""
-    try:
-        outs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the processes did not finish within {LAUNCH_TIMEOUT_S} s (a hang)")
-    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    return launch.finish(procs, LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
