@@ -10,6 +10,7 @@ Sub-commands::
     dynamics demo [--out DIR]            SFT + DPO on SmolLM2 with the built-in statements
     dynamics grads --model M ...         gradient inner products (sentence / token level)
     dynamics bench grads                 benchmark the gradient engines against DPO fwd+bwd
+    dynamics bench instrument            cost of the recorders (in-run, probes, TRL callback) per training step
     dynamics predict-check               first-order predictions vs one real step (SGD, AdamW)
     dynamics screen --data D ...         before training: CHES, gradient cosine, predicted case per pair
     dynamics attribute --data D ...      captum token attributions of log π(y|x) and the margin
@@ -280,8 +281,8 @@ def cmd_grads(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.what == "inrun":
-        return cmd_bench_inrun(args)
+    if args.what in ("instrument", "inrun"):
+        return cmd_bench_instrument(args)
     from dynamics.inputs.models import load_model
     from dynamics.tools import bench
 
@@ -304,16 +305,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_bench_inrun(args) -> int:
-    from dynamics.tools.bench_inrun import bench_in_run
+def cmd_bench_instrument(args) -> int:
+    from dynamics.tools import bench_instrument as bi
 
-    r = bench_in_run(model_name=args.model, batch_size=args.batch_size, prompt_len=args.prompt_len,
-                     len_w=args.len_w, len_l=args.len_l, steps=args.steps,
-                     progress=lambda m: print(m, file=sys.stderr))
-    print(f"plain step {r['plain_s']:.3g} s, in-run step {r['in_run_s']:.3g} s: ratio {r['ratio']:.3f} "
-          f"(CPU time ratio {r['cpu_ratio']:.3f}); contractions {r['contract_s']:.3g} s per step "
-          f"(batch {r['batch_size']}, prompt {r['prompt_len']}, responses {r['len_w']}|{r['len_l']} tokens, "
-          f"{r['threads']} threads)")
+    variants = bi.check_variants(list(args.variants) + (list(bi.TRL_VARIANTS) if args.trl else []))
+    shapes = [bi.parse_shape(s) for s in args.shapes]
+    if args.out and Path(args.out).suffix not in (".csv", ".parquet"):
+        raise InputError(f"--out {args.out!r}: write a .csv or .parquet file (a .md table is written beside it)")
+    res = bi.bench_instrument(model_name=args.model, shapes=shapes, batch_sizes=args.batch_sizes, variants=variants,
+                              steps=args.steps, n_probe=args.n_probe, lora_r=args.lora_r, threads=args.threads,
+                              device=args.device, progress=lambda m: print(m, file=sys.stderr))
+    import pandas as pd
+    print("; ".join(f"{k} {v}" for k, v in res.config.items() if v is not None))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(res.summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print("\n".join(bi.target_lines(res)))
+    if args.out:
+        command = (f"dynamics bench {args.what} --model {args.model} --shapes {' '.join(args.shapes)} --batch-sizes "
+                   f"{' '.join(map(str, args.batch_sizes))} --variants {' '.join(variants)} --steps {args.steps} "
+                   f"--n-probe {args.n_probe} --lora-r {args.lora_r} --device {args.device}"
+                   + (f" --threads {args.threads}" if args.threads else ""))
+        paths = bi.write_outputs(res, args.out, command=command)
+        print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
@@ -369,7 +382,7 @@ def cmd_screen(args) -> int:
 def cmd_attribute(args) -> int:
     import pandas as pd
 
-    from dynamics.core.attribution import CONVERGED_REL, attribution_frame, token_attributions
+    from dynamics.core.attribution import CONVERGED_REL, INTERNAL_BATCH_SIZE, attribution_frame, token_attributions
     from dynamics.core.logprobs import shared_prompt
 
     model, tok, tp = _tokenized_for(args)
@@ -384,7 +397,8 @@ def cmd_attribute(args) -> int:
         for target in args.targets:  # "rejected" and "margin" take the rejected response as seq_other
             attr = token_attributions(model, w, tp.pad_id, target=target, seq_other=None if target == "chosen" else l,
                                       tokenizer=tok,
-                                      n_steps=args.n_steps, baseline=args.baseline)
+                                      n_steps=args.n_steps, baseline=args.baseline,
+                                      internal_batch_size=args.batch_rows or INTERNAL_BATCH_SIZE)
             frames.append(attribution_frame(attr).assign(pair_id=pid, delta=attr.delta,
                                                          gap=attr.value - attr.baseline_value))
             gap = attr.value - attr.baseline_value
@@ -639,9 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_grads)
 
-    p = sub.add_parser("bench", help="benchmarks: `dynamics bench grads` (engines), `dynamics bench inrun` "
-                       "(in-run diagnostics vs a plain training step)")
-    p.add_argument("what", choices=["grads", "inrun"])
+    bench = sub.add_parser("bench", help="benchmarks: `bench grads` (gradient engines vs DPO fwd+bwd), `bench "
+                           "instrument` (recorders vs a plain training step; `bench inrun`: plain and in-run only)")
+    bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = bench_sub.add_parser("grads", help="the gradient engines against one DPO forward+backward")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--pairs", type=pos_int, default=2, help="pairs per data set")
     p.add_argument("--tokens", type=pos_int, default=32, help="TL;DR responses cut to this many tokens")
@@ -650,12 +665,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=pos_int, default=1)
     p.add_argument("--no-token", action="store_true", help="sentence level only")
     p.add_argument("--out", default=None, help="CSV of every measurement")
-    p.add_argument("--batch-size", type=pos_int, default=2, help="inrun: pairs per step")
-    p.add_argument("--prompt-len", type=pos_int, default=400, help="inrun: prompt tokens (synthetic ids)")
-    p.add_argument("--len-w", type=pos_int, default=40, help="inrun: chosen response tokens")
-    p.add_argument("--len-l", type=pos_int, default=56, help="inrun: rejected response tokens")
-    p.add_argument("--steps", type=pos_int, default=4, help="inrun: timed steps of each kind")
     p.set_defaults(func=cmd_bench)
+    for name, variants, help_ in (
+            ("instrument", ["plain", "in_run", "in_run_update", "probe"],
+             "per optimizer step: plain vs in-run vs in-run + update effect vs probe-recorded (+ --trl: TRL's "
+             "DPOTrainer without and with the callback in in-run mode); ratios to the plain step of the same run"),
+            ("inrun", ["plain", "in_run"], "`bench instrument --variants plain in_run`")):
+        p = bench_sub.add_parser(name, help=help_)
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--shapes", nargs="+", default=["tweets", "tldr"],
+                       help="tweets (prompt 36, responses 10|10 tokens), tldr (349, 38|34) or PROMPT:CHOSEN:REJECTED "
+                            "token counts, e.g. 8:3:4 (synthetic token ids)")
+        p.add_argument("--batch-sizes", type=pos_int, nargs="+", default=[4, 16], help="pairs per optimizer step")
+        p.add_argument("--variants", nargs="+", default=variants,
+                       help="plain, in_run, in_run_update, probe, trl_plain, trl_in_run (ratios are to plain / "
+                            "trl_plain, which must be among them)")
+        p.add_argument("--trl", action="store_true", help="add trl_plain and trl_in_run: TRL's DPOTrainer step "
+                       "(LoRA, frozen head) without and with DynamicsCallback(RecorderConfig(in_run=True))")
+        p.add_argument("--steps", type=pos_int, default=5, help="timed steps of each variant (after one warm-up)")
+        p.add_argument("--n-probe", type=pos_int, default=16, help="probe pairs of the probe variant")
+        p.add_argument("--lora-r", type=pos_int, default=16, help="LoRA rank of the TRL variants")
+        p.add_argument("--threads", type=pos_int, default=None, help="torch intra-op threads (default: torch's)")
+        p.add_argument("--device", type=_device, default="cpu")
+        p.add_argument("--out", default=None, help=".csv or .parquet of the table; beside it <stem>_steps "
+                       "(every timed step) and <stem>.md")
+        p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("predict-check", help="first-order predictions vs one real step (SGD and AdamW)")
     data_args(p)
@@ -694,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", choices=["chosen", "rejected", "margin"], default=["margin"])
     p.add_argument("--n-steps", type=pos_int, default=64, help="quadrature points (the convergence delta shows the error)")
     p.add_argument("--baseline", choices=["pad", "zeros"], default="pad")
+    p.add_argument("--batch-rows", type=pos_int, default=None,
+                   help="rows (sequences x quadrature points) per forward; memory grows with it times the "
+                        "sequence length (default: dynamics.core.attribution.INTERNAL_BATCH_SIZE = 32)")
     p.add_argument("--max-length", type=pos_int, default=None)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--out", required=True, help="Parquet file (in a run directory as attributions.parquet "

@@ -91,11 +91,15 @@ class WriteWatch:
 
 
 def train_case(out, *, batch_size: int, lora: bool, in_run: bool, steps: int = 2, ga: int = 1, token_pairs: int = 0,
-               optim: str = "adamw_torch", logs=None, name: str = "run"):
+               optim: str = "adamw_torch", logs=None, name: str = "run", trainer_cls=None, use_cpu: bool = True):
     """Train the tiny float64 Llama with TRL's DPOTrainer and the callback (probe records every
-    step); ``batch_size`` per process. Returns the trainer."""
+    step); ``batch_size`` per process. ``trainer_cls``: a subclass of TRL's DPOTrainer to use
+    instead (`tests/callback_fsdp_worker.py`); ``use_cpu=False``: train on the accelerator.
+    Returns the trainer."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    trainer_cls = DPOTrainer if trainer_cls is None else trainer_cls
 
     from dynamics.inputs.models import tiny_model, tiny_tokenizer
     from dynamics.runs.callbacks import DynamicsCallback
@@ -106,7 +110,7 @@ def train_case(out, *, batch_size: int, lora: bool, in_run: bool, steps: int = 2
     ds = Dataset.from_dict({k: [getattr(p, k) for p in train] for k in ("prompt", "chosen", "rejected")})
     args = DPOConfig(output_dir=str(Path(out).parent / f"{Path(out).name}-trainer"),
                      per_device_train_batch_size=batch_size, gradient_accumulation_steps=ga, max_steps=steps, learning_rate=1e-2, beta=BETA, logging_steps=1,
-                     report_to=[], use_cpu=True, save_strategy="no", bf16=False, fp16=False, seed=0,
+                     report_to=[], use_cpu=use_cpu, save_strategy="no", bf16=False, fp16=False, seed=0,
                      disable_tqdm=True, activation_checkpointing=False, lr_scheduler_type="constant", optim=optim)
     peft = None
     if lora:
@@ -114,7 +118,7 @@ def train_case(out, *, batch_size: int, lora: bool, in_run: bool, steps: int = 2
         peft = LoraConfig(**LORA)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
+        tr = trainer_cls(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
                         ref_model=None if lora else copy.deepcopy(model))
     watch = WriteWatch(out) if logs is not None else None   # (a process's audit hook stays: workers only)
     if watch is not None:

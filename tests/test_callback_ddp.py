@@ -18,7 +18,10 @@ on batches of 2 instead of 4 (another tiling, so another float32 rounding): the 
 probes carries the gradient's relative error, ≲ 8·eps32·log V (TOL32 of test_callback_inrun); the
 LoRA case's AdamW normalizes the gradient elementwise (its first LoRA update is ≈ η·sign(g), and
 elements with |g| ≈ Adam's eps carry the error as it is); measured: 5e-8 (full), 1e-7 (in-run rows
-of LoRA), 5e-13 (LoRA probe records), all below TOL32 = 5.7e-6.
+of LoRA), 5e-13 (LoRA probe records), all below TOL32 = 5.7e-6. A difference of rounded numbers
+carries their rounding, not its own: the in-run ``margin`` = (logp_w − ref_w) − (logp_l − ref_l)
+of TRL's float32 sums (|logp| ~ 100, margin ~ 0.1 after a step) is compared relative to its
+operands' largest value (`OPERANDS`); one float32 ulp of 125 is 3e-5 of a margin of 0.24.
 """
 import json
 import math
@@ -61,6 +64,8 @@ AT_THETA_S = {"step", "pair_id", "logp_w", "logp_l", "logp_w_norm", "logp_l_norm
               "margin", "d_w", "d_l", "loss_value", "ip_wl", "sq_w", "sq_l", "cos_wl", "pred_dw", "pred_dl", "thr_w",
               "thr_l", "case_pred"}      # records columns measured at θ_s (not through the update)
 TIMING = {"step_s", "record_s"}
+OPERANDS = {"margin": ("logp_w", "logp_l", "ref_w", "ref_l")}
+"""Columns that are differences of others: their error is relative to the largest operand."""
 CLI = ["trl-dpo", "--model", "tiny-llama", "--steps", "2", "--every", "1", "--batch-size", "4", "--n-probe", "3",
        "--style", "short_suffix"]
 
@@ -94,7 +99,8 @@ def ddp_runs(tmp_path_factory):
 
 def assert_same_table(name: str, got: pd.DataFrame, want: pd.DataFrame, tol_of) -> None:
     """Same columns, rows in the same order, exact non-float values, floats to ``tol_of(column,
-    step)`` relative to the column's largest value (NaN and ±inf in the same places)."""
+    step)`` relative to the column's largest value, or its operands' for a difference of other
+    columns (`OPERANDS`; NaN and ±inf in the same places)."""
     assert list(got.columns) == list(want.columns), name
     assert len(got) == len(want), f"{name}: {len(got)} rows, single process {len(want)}"
     steps = want["step"].to_numpy() if "step" in want else np.zeros(len(want), dtype=int)
@@ -110,6 +116,9 @@ def assert_same_table(name: str, got: pd.DataFrame, want: pd.DataFrame, tol_of) 
         assert (np.isfinite(x) == ok).all() and (x[~ok].astype(str) == y[~ok].astype(str)).all(), \
             f"{name}.{col}: NaN or inf in other places"
         scale = max(float(np.abs(y[ok]).max()) if ok.any() else 0.0, 1e-300)
+        for op in OPERANDS.get(col, ()):
+            if op in want:
+                scale = max(scale, float(np.nanmax(np.abs(want[op].to_numpy(dtype=float)))))
         for s in np.unique(steps[ok]):
             m = ok & (steps == s)
             err = float(np.abs(x[m] - y[m]).max()) / scale
@@ -127,15 +136,25 @@ def tolerance(table: str):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_record_what_one_process_records(ddp_runs, tmp_path, case):
+    root, _ = ddp_runs
+    assert_records_of_one_process(root, case, CASES[case], tmp_path)
+    config = json.loads((root / case / "config.json").read_text())
+    assert config["parallel"] == "ddp"
+
+
+def assert_records_of_one_process(root: Path, case: str, kw: dict, tmp_path: Path, processes: int = PROCESSES) -> None:
+    """The run directory ``root/case`` written by ``processes`` ranks (`callback_ddp_worker.train_case`
+    of the case ``kw``, ``BATCH // processes`` pairs per rank) equals that of one process training on
+    the same global batches (rows in order, tolerances of the module docstring); every rank logged
+    the single process's summaries; only rank 0 wrote. Shared with `tests/test_callback_fsdp.py`."""
     from callback_ddp_worker import train_case
 
-    root, _ = ddp_runs
     run = root / case
-    tr = train_case(tmp_path / "single", batch_size=BATCH, **CASES[case])
+    tr = train_case(tmp_path / "single", batch_size=BATCH, **kw)
     single = tmp_path / "single"
     tables = sorted(p.name for p in single.glob("*.parquet"))
     assert sorted(p.name for p in run.glob("*.parquet")) == tables
-    assert ("train_records.parquet" in tables) == CASES[case]["in_run"]
+    assert ("train_records.parquet" in tables) == kw["in_run"]
     for t in tables:
         if t == "steps.parquet":       # timings of rank 0's steps
             assert pd.read_parquet(run / t).step.tolist() == pd.read_parquet(single / t).step.tolist()
@@ -143,7 +162,7 @@ def test_two_processes_record_what_one_process_records(ddp_runs, tmp_path, case)
         name = t.removesuffix(".parquet")
         assert_same_table(name, pd.read_parquet(run / t), pd.read_parquet(single / t), tolerance(name))
     grams = sorted(p.name for p in (single / "token_grams").iterdir())
-    assert len(grams) == 2 * CASES[case].get("token_pairs", 0)
+    assert len(grams) == 2 * kw.get("token_pairs", 0)
     assert sorted(p.name for p in (run / "token_grams").iterdir()) == grams
     for g in grams:
         a, b = np.load(run / "token_grams" / g), np.load(single / "token_grams" / g)
@@ -156,24 +175,24 @@ def test_two_processes_record_what_one_process_records(ddp_runs, tmp_path, case)
     rec = pd.read_parquet(run / "records.parquet")
     assert rec.groupby("step").size().to_dict() == {0: 4, 1: 4, 2: 4}        # both ranks' probe blocks
     config = json.loads((run / "config.json").read_text())
-    assert config["writer"] == "DynamicsCallback" and config["processes"] == PROCESSES
-    assert config["training_args"]["per_device_train_batch_size"] == BATCH // PROCESSES
+    assert config["writer"] == "DynamicsCallback" and config["processes"] == processes
+    assert config["training_args"]["per_device_train_batch_size"] == BATCH // processes
 
     # every rank logged the same summaries, those of the single process
-    logs = [json.loads((root / "logs" / f"{case}.rank{r}.json").read_text()) for r in range(PROCESSES)]
-    assert logs[0] == logs[1] and len(logs[0]) == 2
+    logs = [json.loads((root / "logs" / f"{case}.rank{r}.json").read_text()) for r in range(processes)]
+    assert all(log == logs[0] for log in logs) and len(logs[0]) == 2
     want = [{k: v for k, v in h.items() if k.startswith(("dyn/", "inrun/"))} for h in tr.state.log_history]
     want = [h for h in want if h]
     assert [sorted(h) for h in logs[0]] == [sorted(h) for h in want]
     for got, exp in zip(logs[0], want):
         for k in exp:
             assert got[k] == pytest.approx(exp[k], rel=TOL32, abs=TOL32), k
-    if CASES[case]["in_run"]:
+    if kw["in_run"]:
         assert "inrun/cos_wl" in logs[0][0]
 
     # only rank 0 wrote (an audit hook on every rank: files opened for writing, made, moved, removed)
-    writes = [json.loads((root / "logs" / f"{case}.rank{r}.writes.json").read_text()) for r in range(PROCESSES)]
-    assert writes[1] == [], writes[1][:5]
+    writes = [json.loads((root / "logs" / f"{case}.rank{r}.writes.json").read_text()) for r in range(processes)]
+    assert all(w == [] for w in writes[1:]), [w[:5] for w in writes[1:]]
     assert any("records.parquet" in w for w in writes[0]) and any("config.json" in w for w in writes[0])
 
 
@@ -218,9 +237,12 @@ def test_a_failing_rank_stops_every_rank(tmp_path, where):
 
 
 def test_sharded_training_and_a_missing_process_group_refused(tmp_path):
-    """DeepSpeed and FSDP (from the training arguments, or accelerate's launch environment) are
-    refused at train begin with `InputError`; a trainer of several processes without a process
-    group with `RuntimeError`; nothing is written."""
+    """DeepSpeed (from the training arguments or accelerate's launch environment) and FSDP version 1
+    (a FullyShardedDataParallel wrapper in the model, or the trainer's FSDP plugin of version 1) are
+    refused at train begin with `InputError`; FSDP is read off the model, so an FSDP request that
+    left the model unsharded (accelerate on CPU trains with DDP then) is not refused for FSDP; a
+    trainer of several processes without a process group fails with `RuntimeError`; nothing is
+    written."""
     from types import SimpleNamespace
 
     from callback_ddp_worker import PROBES, pairs
@@ -228,17 +250,31 @@ def test_sharded_training_and_a_missing_process_group_refused(tmp_path):
     from dynamics.errors import InputError
     from dynamics.runs.callbacks import DynamicsCallback
 
+    class FullyShardedDataParallel(torch.nn.Module):   # what FSDP version 1 wraps a model in (by name)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
     cb = DynamicsCallback(pairs(PROBES, "p"), tmp_path / "dyn")
     model = torch.nn.Linear(1, 1)
-    for args, env, match in [(dict(fsdp=["full_shard"]), {}, "does not support FSDP"),
-                             (dict(deepspeed="ds_config.json"), {}, "does not support DeepSpeed"),
-                             ({}, {"ACCELERATE_USE_FSDP": "true"}, "does not support FSDP"),
-                             ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "does not support DeepSpeed")]:
+    v1_trainer = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(
+        distributed_type="DistributedType.FSDP", state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))))
+    for args, env, trainer, m, match in [
+            (dict(deepspeed="ds_config.json"), {}, None, model, "does not support DeepSpeed"),
+            ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, None, model, "does not support DeepSpeed"),
+            ({}, {}, None, FullyShardedDataParallel(model), "supports FSDP version 2 .*not version 1"),
+            ({}, {}, v1_trainer, model, "supports FSDP version 2 .*not version 1")]:
         with pytest.MonkeyPatch.context() as mp:
             for k, v in env.items():
                 mp.setenv(k, v)
+            cb._trainer = trainer
             with pytest.raises(InputError, match=match):
+                cb.on_train_begin(SimpleNamespace(world_size=2, **args), None, None, model=m)
+    cb._trainer = None
+    for args, env in [({}, {}), (dict(fsdp=["full_shard"]), {}), ({}, {"ACCELERATE_USE_FSDP": "true"})]:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            with pytest.raises(RuntimeError, match="2 processes but torch.distributed has no process group"):
                 cb.on_train_begin(SimpleNamespace(world_size=2, **args), None, None, model=model)
-    with pytest.raises(RuntimeError, match="2 processes but torch.distributed has no process group"):
-        cb.on_train_begin(SimpleNamespace(world_size=2), None, None, model=model)
     assert not (tmp_path / "dyn" / "config.json").exists()

@@ -65,11 +65,3 @@ def test_diagnose_a_training_run(tmp_path, capsys):
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert main(["diagnose", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
-
-
-def test_bench_inrun_prints_the_ratio(capsys):
-    assert main(["bench", "inrun", "--model", "tiny-gpt2", "--prompt-len", "8", "--len-w", "3", "--len-l", "4",
-                 "--steps", "1"]) == 0
-    out = capsys.readouterr().out
-    ratio = float(out.split("ratio ")[1].split()[0])
-    assert ratio > 0 and "in-run step" in out

@@ -5,11 +5,14 @@ the unsharded single-process values to 1e-10 relative, before any forward, with 
 backward's gradients pending (which stay bit for bit) and after two training steps; the model is
 sharded again afterwards and the training steps equal one process's. ``dynamics train`` with
 ``parallel='fsdp'`` writes the run directory of one process (every table and token Gram, 2 steps
-recorded). The ranks are `tests/fsdp_worker.py`."""
+recorded), also with in-run rows (and their update effects) and with LoRA (the in-run capture and
+its update jvp run on the units gathered for each micro-batch, `DistributedInRunRecorder`). The
+ranks are `tests/fsdp_worker.py`."""
 import json
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -46,10 +49,13 @@ GRAM = dict(config=DATA, lr=1e-2, batches=[[0, 1, 2, 3], [4, 5, 6, 7]])
 BASE = dict(n_pairs=24, n_probe=4, steps=2, batch_size=4, eval_every=1, lr=1e-2, progress=False, dtype="float64",
             parallel="fsdp")
 CASES = {
-    # tied head (in the root unit), SGD, token Grams of 3 probes (2 on rank 0, 1 on rank 1)
-    "llama": dict(model="tiny-llama", optimizer="sgd", token_pairs=3),
-    # untied head, AdamW, 2 micro-batches, 3 probes split 2 + 1, learning-dynamics probes
-    "neox": dict(model="tiny-neox", optimizer="adamw", grad_accum=2, n_probe=3, probes=True),
+    # tied head (in the root unit), SGD, token Grams of 3 probes (2 on rank 0, 1 on rank 1); in-run rows
+    # with their update effects (the tied embedding/head's uses of each rank's rows)
+    "llama": dict(model="tiny-llama", optimizer="sgd", token_pairs=3, in_run=True, in_run_update=True),
+    # untied head, AdamW, 2 micro-batches, 3 probes split 2 + 1, learning-dynamics probes; in-run rows
+    "neox": dict(model="tiny-neox", optimizer="adamw", grad_accum=2, n_probe=3, probes=True, in_run=True),
+    # LoRA (frozen weights and trainable adapters in one unit), AdamW, in-run rows with update effects
+    "lora": dict(model="tiny-llama", optimizer="adamw", lora_r=2, in_run=True, in_run_update=True),
 }
 
 
@@ -155,13 +161,23 @@ def test_fsdp_training_records_what_one_process_records(fsdp_runs, tmp_path, cas
     assert_same_run(fsdp_runs[case], single.path)
     # trained sharded: 2 decoder layers + the root (the tied head in it, the untied one too)
     assert [u[list(CASES).index(case)] for u in fsdp_runs["units"]] == [3, 3]
+    if CASES[case].get("in_run"):                                 # both ranks' pairs of every step
+        rows = pd.read_parquet(fsdp_runs[case] / "train_records.parquet")
+        assert rows.groupby("step").size().tolist() == [4, 4]
+        assert rows[["ip_wl", "sq_w", "sq_l"]].notna().all().all()
+        if CASES[case].get("in_run_update"):
+            assert rows[["upd_dw", "upd_dl"]].notna().all().all()
 
 
 def test_fsdp_options(tmp_path):
-    """What is not supported with FSDP yet is refused before anything runs; one process ignores it."""
-    for extra in (dict(in_run=True), dict(cross=True), dict(lora_r=2), dict(save_every=1)):
-        with pytest.raises(InputError, match="parallel='fsdp' does not support"):
+    """What is not supported with FSDP is refused, with the reason, before anything runs; one process
+    ignores it."""
+    for extra, why in ((dict(cross=True), "optimizer's state"), (dict(save_every=1), "checkpoints hold whole"),
+                       (dict(resume=True), "checkpoints hold whole")):
+        with pytest.raises(InputError, match=f"parallel='fsdp' does not support {next(iter(extra))}: .*{why}"):
             TrainConfig.from_flat(**BASE, model="tiny-llama", out=str(tmp_path / "x"), **extra)
+    for extra in (dict(in_run=True, in_run_update=True), dict(lora_r=2, in_run=True)):   # supported now
+        TrainConfig.from_flat(**BASE, model="tiny-llama", out=str(tmp_path / "x"), **extra)
     with pytest.raises(ValueError, match="unknown parallel"):
         TrainConfig.from_flat(**BASE | {"parallel": "zero"}, model="tiny-llama", out=str(tmp_path / "x"))
     model = torch.nn.Linear(2, 2)

@@ -68,8 +68,8 @@ from dynamics.core.logprobs import (Batch, TokenizedSequence, batch_logprobs, ch
                                     model_device, unwrap)
 from dynamics.errors import InputError
 
-__all__ = ["TARGETS", "BASELINES", "METHODS", "ATTRIBUTION_COLUMNS", "CONVERGED_REL", "Attribution",
-           "token_attributions", "attribution_frame"]
+__all__ = ["TARGETS", "BASELINES", "METHODS", "ATTRIBUTION_COLUMNS", "CONVERGED_REL", "INTERNAL_BATCH_SIZE",
+           "Attribution", "token_attributions", "attribution_frame"]
 
 TARGETS = ("chosen", "rejected", "margin")
 """``"chosen"``: f = log π(seq|x); ``"rejected"``: f = log π(seq_other|x); ``"margin"``: their difference."""
@@ -81,6 +81,11 @@ METHODS = ("gausslegendre", "riemann_middle", "riemann_left", "riemann_right")
 ATTRIBUTION_COLUMNS = ["target", "side", "segment", "position", "token_id", "token", "attribution"]
 CONVERGED_REL = 0.1
 """An attribution is converged when |δ| ≤ CONVERGED_REL · |f(e) − f(e')| (`Attribution.converged`)."""
+INTERNAL_BATCH_SIZE = 32
+"""Default rows (sequences × quadrature points) per forward/backward. Memory grows with it times the
+sequence length (every row keeps its activations for the backward): all 1024 points of a 128-token
+SmolLM2 sequence at once need more than 24 GB, 32 rows about 1 GB. The values do not depend on it
+beyond float rounding (captum sums the same terms in batches)."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,7 @@ def _token_strings(ids: Sequence[int], tokenizer, fallback: Sequence[str] | None
 def token_attributions(model, seq: TokenizedSequence, pad_id: int, *, target: str = "chosen",
                        seq_other: TokenizedSequence | None = None, tokenizer=None, n_steps: int = 50,
                        baseline: str = "pad", method: str = "gausslegendre",
-                       internal_batch_size: int | None = None) -> Attribution:
+                       internal_batch_size: int | None = INTERNAL_BATCH_SIZE) -> Attribution:
     """Integrated-gradients attribution of a response log-prob (or of the margin) to the input tokens.
 
     Args:
@@ -214,8 +219,8 @@ def token_attributions(model, seq: TokenizedSequence, pad_id: int, *, target: st
         n_steps: quadrature points along the path (each a forward + backward of the batch).
         baseline: ``"pad"`` or ``"zeros"`` (see `BASELINES`).
         method: a captum quadrature rule of `METHODS`.
-        internal_batch_size: at most this many rows (sequences × steps) per forward pass;
-            None: all n_steps × (1 or 2) rows at once.
+        internal_batch_size: at most this many rows (sequences × steps) per forward pass
+            (`INTERNAL_BATCH_SIZE`); None: all n_steps × (1 or 2) rows at once.
 
     Returns:
         an `Attribution`: ``attributions`` (P + |y|,) float64, summed over the embedding dimension of

@@ -33,7 +33,7 @@ PEFT's disabled adapter as reference, ``in_run_update``. Refused at train begin 
 `InputError`: full fine-tuning (TRL's fused head uses the lm_head weight outside the lm_head
 module, invisible to the hooks), ``ld_alpha`` (a per-token weighting), gradient checkpointing
 (TRL's default: pass ``gradient_checkpointing=False``), ``padding_free``, MoE router aux loss,
-prompt-learning PEFT, vision datasets, DeepSpeed/FSDP, and a trainer that is not a TRL
+prompt-learning PEFT, vision datasets, DeepSpeed, FSDP version 1, and a trainer that is not a TRL
 ``DPOTrainer`` or a callback that was not attached with ``attach``.
 
 Multi-process training (DDP: ``accelerate launch`` or ``torchrun``; the Trainer wraps the model in
@@ -47,9 +47,23 @@ process writes with the same global batch (accelerate shards the Trainer's batch
 ranks' shares in rank order are the one-process batch), and the summaries added to the logs are
 computed from the gathered rows, so every rank logs the same ones. A rank that fails in the
 callback (a bad probe pair, an in-run row) makes every rank raise
-(`dynamics.runs.distributed.agree`). Not supported: sharded training (DeepSpeed, FSDP: the
-parameter snapshot and the probe passes need the whole model in every process), refused at
-train begin with `InputError`. It tokenizes the probe pairs itself (prompt and response
+(`dynamics.runs.distributed.agree`).
+
+FSDP version 2 (``accelerate launch --use_fsdp --fsdp_version 2``, or ``fsdp_config={"fsdp_version":
+2}``; the Trainer hands the callback the ``fully_shard``-ed model itself) is recorded the same way,
+on the full parameters: every pass of the callback on the model (the reference log-probs of a
+rank's probe block, the learning-dynamics probe sets, the head check of ``in_run``) and every
+recorder call runs inside `dynamics.runs.distributed.full_parameters`, which all-gathers every
+FSDP unit once (each rank then holds the whole model for the duration, as under DDP) and reshards
+afterwards; in-run rows gather the units for each recorded micro-batch (see
+`dynamics.runs.distributed.DistributedInRunRecorder`). The training's sharded parameters,
+gradients and optimizer state are not touched. Accelerate shards the model's tail (final norm,
+lm_head, a tied embedding) as one unit of several modules, which is gathered once. On CPU
+accelerate does not shard (``AcceleratorState`` enables FSDP for GPU-like devices only and trains
+with DDP, ``--use_fsdp`` notwithstanding): the callback records what runs, and ``config.json``
+says which (``parallel``: ``fsdp2``, ``ddp``, ``none``). Refused at train begin with `InputError`:
+DeepSpeed (ZeRO shards outside torch's FSDP) and FSDP version 1 (the ``FullyShardedDataParallel``
+wrapper and its flat parameters). It tokenizes the probe pairs itself (prompt and response
 separately, `dynamics.core.logprobs`); ``append_eos="auto"`` appends the EOS token to every response
 when the training arguments come from TRL (TRL's preference trainers append EOS to
 non-conversational completions), so the probe log-probs are those of the sequences TRL trains on.
@@ -224,7 +238,9 @@ class DynamicsCallback(TrainerCallback):
         get_head = getattr(base, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         ids = {id(p) for p in inrun.capture.params.values()}
-        if head is not None and any(id(p) in ids for p in head.parameters()):
+        with distributed.full_parameters(model):  # FSDP2: the head holds FSDP's unsharded parameters, as the capture
+            head_trained = head is not None and any(id(p) in ids for p in head.parameters())
+        if head_trained:
             raise InputError("in_run: the output layer's weight (or the input embedding tied to it) is trained, but "
                              "TRL's fused LM head uses it outside the lm_head module, where the in-run hooks cannot "
                              "see its gradient (full fine-tuning); train with LoRA (peft_config=LoraConfig(...)), "
@@ -344,14 +360,20 @@ class DynamicsCallback(TrainerCallback):
         return 0
 
     def _check_parallel(self, args, model) -> distributed.World:
-        """The `World` of a run the callback can record: one process, or DDP with the process group
-        accelerate made; `InputError` for sharded training (DeepSpeed, FSDP)."""
+        """The `World` of a run the callback can record: one process, DDP with the process group
+        accelerate made, or FSDP2 (the model's ``fully_shard`` units); `InputError` for DeepSpeed and
+        FSDP version 1."""
         sharded = _sharded_training(args, self._trainer, model)
-        if sharded:
-            raise InputError(f"DynamicsCallback does not support {sharded}: the parameters are sharded over the "
-                             "processes, while the parameter snapshot and the probe forward and backward passes need "
-                             "the whole model in every process; train with DDP (accelerate launch without "
-                             "--use_deepspeed/--use_fsdp, or torchrun) or in one process")
+        if sharded == "DeepSpeed":
+            raise InputError("DynamicsCallback does not support DeepSpeed: its engine shards the parameters (ZeRO) "
+                             "outside torch's FSDP, which the callback can gather; train with FSDP version 2 "
+                             "(accelerate launch --use_fsdp --fsdp_version 2), DDP (accelerate launch without "
+                             "--use_deepspeed, or torchrun) or in one process")
+        if sharded == "FSDP1":
+            raise InputError("DynamicsCallback supports FSDP version 2 (torch's fully_shard) only, not version 1 "
+                             "(the FullyShardedDataParallel wrapper, whose flat parameters it cannot gather); "
+                             "launch with accelerate launch --use_fsdp --fsdp_version 2 (or fsdp_config="
+                             "{'fsdp_version': 2}), or train with DDP")
         w = distributed.world()
         size = int(getattr(args, "world_size", 1) or 1)
         if size > 1 and not (w.distributed and w.size == size):
@@ -363,6 +385,8 @@ class DynamicsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         w = self._check_parallel(args, model)
         model = _unwrap_ddp(model)  # DDP: the diagnostics run on the replica itself, never through DDP's hooks
+        # FSDP2 (the model's fully_shard units): every pass below on the model gathers its full parameters
+        # (distributed.full_parameters, collective), the recorders do the same at every call
         self.run = distributed.run_dir(self.run.path, w) if w.distributed else RunDir(self.run.path)
         self.inrun = None
         cfg = self.recorder
@@ -393,13 +417,15 @@ class DynamicsCallback(TrainerCallback):
             self.run.write_config(dict(model=name, loss=self.loss, loss_params=self.loss_params,
                                        lr=args.learning_rate, recorder=cfg, trainer=type(args).__name__,
                                        append_eos=eos, precision=precision, processes=w.size,
+                                       parallel=_parallel_name(model, w),
                                        diagnostics_precision="parameters' dtype, outside autocast",
                                        training_args={k: to_jsonable(v) for k, v in args.to_dict().items()}),
                                   writer="DynamicsCallback")                    # rank 0 only
             sets = None
             if cfg.probes:
                 from dynamics.core.probes import build_probe_sets
-                sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
+                with distributed.full_parameters(model):      # FSDP2: the model's forward on whole tensors
+                    sets = build_probe_sets(model, tok, self.pairs, self.others or self.pairs, seed=0)
             # multi-process: each rank records its block of the probe pairs, rank 0 writes them all
             rec = distributed.make_recorder(w, model, probe, ref, self.run, cfg, loss=self.loss,
                                             loss_params=self.loss_params, lr=args.learning_rate, tokenizer=tok,
@@ -481,17 +507,22 @@ def _sharded_reference(model, probe: TokenizedPairs, w: distributed.World) -> pd
             return reference_logprobs(model, pairs)
 
     if not w.distributed:
-        return reference(probe)
+        with distributed.full_parameters(model):       # FSDP2 over one process: whole tensors all the same
+            return reference(probe)
     block = shard_slice(len(probe), w.rank, w.size)
     failed = mine = None
     try:
-        if block.stop > block.start:
-            mine = reference(probe.subset(range(block.start, block.stop)))
+        with distributed.full_parameters(model):       # FSDP2: collective, also for an empty block
+            if block.stop > block.start:
+                mine = reference(probe.subset(range(block.start, block.stop)))
     except Exception as e:
         failed = e
     distributed.agree(failed)
     parts = [p for p in distributed.gather_objects(mine) if p is not None]
-    return pd.concat(parts, ignore_index=True) if parts else reference(probe)
+    if not parts:                                       # no probe pair at all: the empty table
+        with distributed.full_parameters(model):
+            return reference(probe)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _unwrap_ddp(model):
@@ -504,8 +535,16 @@ def _unwrap_ddp(model):
 
 
 def _sharded_training(args, trainer, model) -> str | None:
-    """``"DeepSpeed"`` or ``"FSDP"`` when the trainer shards the model that way (from the trainer,
-    its arguments, accelerate's launch environment or the model's wrapper), else None."""
+    """How the trainer shards ``model``: ``"DeepSpeed"`` (from the trainer, its arguments,
+    accelerate's launch environment or the model's wrapper), ``"FSDP1"`` (a FullyShardedDataParallel
+    wrapper in the model, or accelerate's FSDP plugin of version 1), ``"FSDP2"`` (``fully_shard``
+    units in the model), else None.
+
+    FSDP is read off the model the callback is handed, which at ``on_train_begin`` is the prepared
+    one (under FSDP the Trainer hands over the sharded model itself), not off the launch
+    environment: accelerate on CPU (``DistributedType.MULTI_CPU``) ignores ``--use_fsdp``
+    (``AcceleratorState`` sets ``DistributedType.FSDP`` only for GPU-like devices and drops the
+    plugin) and trains with DDP, which is recorded as such."""
     import os
 
     kind = str(getattr(getattr(trainer, "accelerator", None), "distributed_type", "")).upper()
@@ -513,11 +552,24 @@ def _sharded_training(args, trainer, model) -> str | None:
     if (getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None) or "DEEPSPEED" in kind
             or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or name == "DeepSpeedEngine"):
         return "DeepSpeed"
-    if (getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None) or "FSDP" in kind
-            or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or "FullyShardedDataParallel" in name
-            or name.startswith("FSDP")):
-        return "FSDP"
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    v1 = any(type(m).__name__ == "FullyShardedDataParallel" for m in _modules(model))
+    if v1 or (getattr(trainer, "is_fsdp_enabled", False) and getattr(plugin, "fsdp_version", 2) == 1):
+        return "FSDP1"
+    if distributed.fsdp_units(model):
+        return "FSDP2"
     return None
+
+
+def _modules(model) -> list:
+    return list(model.modules()) if isinstance(model, torch.nn.Module) else []
+
+
+def _parallel_name(model, w: distributed.World) -> str:
+    """``config.json``'s ``parallel``: how the trainer trained (``fsdp2``, ``ddp``, ``none``)."""
+    if distributed.fsdp_units(model):
+        return "fsdp2"
+    return "ddp" if w.distributed else "none"
 
 
 class _FusedOutputs:

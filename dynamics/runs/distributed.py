@@ -23,7 +23,11 @@ Launched by ``torchrun`` (or ``accelerate launch``, which sets the same environm
   identical optimizer steps), so each rank snapshots its own replica: parameters are never
   communicated by the recorders;
 - **files**: only rank 0 writes (config, tables, token Grams, checkpoints; other ranks hold a
-  `ReplicaRunDir`, which writes nothing); every rank loads checkpoints.
+  `ReplicaRunDir`, which writes nothing); every rank loads checkpoints;
+- **FSDP2** (``parallel='fsdp'``: `shard_model`; or a model ``fully_shard``-ed by accelerate,
+  recorded by `dynamics.runs.callbacks.DynamicsCallback`): the recorders measure on the gathered
+  full parameters (`full_parameters`, `bind_full_parameters`; the section at the end says why and
+  what it costs), the probe recorder once per call, the in-run recorder for each micro-batch.
 
 Errors. Where a rank can fail on its own input (the forward and loss of a micro-batch, the probe
 diagnostics), all ranks call `agree` at the same point whether or not they failed: if any rank
@@ -595,6 +599,23 @@ class DistributedInRunRecorder:
     L: the trainer's rank loss is ``world size × Σ_own ℓ / B`` (DDP then averages over ranks),
     so ``c_scale = 1 / world size`` makes the recorded ``c_w = ∂L/∂lw``, ``c_l`` the single-process
     values. The Gram entries do not depend on it (they are divided by the captured scales).
+
+    FSDP2 (a model with ``fully_shard`` units). The in-run contractions need no weight of a linear
+    layer or an embedding: their factors (the layer's input a and output gradient b of the rank's
+    own rows) are whole activations on every rank, sharded weights or not. What does need whole
+    parameters: the capture finds the selected parameters by identity at hook time, and inside
+    FSDP's forward a module holds FSDP's unsharded parameter, another tensor than the sharded
+    DTensor that ``model.parameters()`` gives between steps; a norm weight's per-example
+    gradient is a vjp through the module with the weight's values; and ``in_run_update`` puts θ_s
+    back into the model for a jvp. So every unit is gathered (`full_parameters`) for the capture's
+    construction (it resolves FSDP's unsharded parameters, which FSDP keeps, same objects, from one
+    all-gather to the next), for each recorded micro-batch's forward and backward (``micro_batch``),
+    and around ``begin_step``/``end_step`` with ``in_run_update``. Communication: one all-gather of
+    every unit per micro-batch, where FSDP's own forward and backward gather each unit once or
+    twice (it reshards after forward except at the root), so no more than training without the
+    recorder; memory: the whole model on every rank during the micro-batch (as DDP holds it).
+    Gradients are reduce-scattered by FSDP's backward as usual, and the sharded parameters,
+    gradients and optimizer state are untouched.
     """
 
     TABLE = InRunRecorder.TABLE
@@ -605,19 +626,29 @@ class DistributedInRunRecorder:
             raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
         self.world = _current_world() if world is None else world
         self.run, self.flush_every, self.c_scale = run, flush_every, float(c_scale)
+        self.model, self.cfg = model, cfg
         self.buffer = ShardBuffer(self.world.rank)
-        self.local = InRunRecorder(model, self.buffer, cfg, loss=loss, loss_params=loss_params, flush_every=1)
+        with full_parameters(model):        # FSDP2: the capture resolves FSDP's unsharded parameters (above)
+            self.local = InRunRecorder(model, self.buffer, cfg, loss=loss, loss_params=loss_params, flush_every=1)
         self.capture = self.local.capture
         self._rows: list[dict] = []   # gathered rows of finished steps not yet on disk (all ranks keep them)
         self._steps = 0
 
+    @contextlib.contextmanager
     def micro_batch(self):
-        """`InRunRecorder.micro_batch` (this rank's capture)."""
-        return self.local.micro_batch()
+        """`InRunRecorder.micro_batch` (this rank's capture); an FSDP2 model's units gathered for its
+        duration (collective: every rank opens it for every micro-batch; see the class docstring)."""
+        with full_parameters(self.model), self.local.micro_batch() as cap:
+            yield cap
+
+    def _update_window(self):
+        """`full_parameters` where ``in_run_update`` reads or writes θ (collective), else nothing."""
+        return full_parameters(self.model) if self.cfg.in_run_update else contextlib.nullcontext()
 
     def begin_step(self) -> None:
         """`InRunRecorder.begin_step` (this rank's snapshot of θ_s, ``in_run_update`` only)."""
-        self.local.begin_step()
+        with self._update_window():
+            self.local.begin_step()
 
     def add(self, *args, b_opt: float | None = None, **kwargs) -> None:
         """`InRunRecorder.add`: the rows of this rank's micro-batch just captured. ``b_opt`` (the
@@ -632,7 +663,8 @@ class DistributedInRunRecorder:
         write, and return the summaries of all the step's pairs (the same on every rank)."""
         error = None
         try:
-            self.local.end_step()
+            with self._update_window():
+                self.local.end_step()
         except Exception as e:
             error = e
         rows, _ = _gather_shards(self.buffer, error)
@@ -656,17 +688,19 @@ class DistributedInRunRecorder:
 
 def make_recorder(w: World, model, probe: TokenizedPairs, ref: pd.DataFrame, run: RunDir, cfg: RecorderConfig,
                   **kwargs) -> Recorder | DistributedRecorder:
-    """`DistributedRecorder` in a multi-process run, else the plain `Recorder` (same arguments)."""
-    if w.distributed:
+    """`DistributedRecorder` in a multi-process run or for a model with FSDP2 units (also in a world
+    of one, e.g. ``fully_shard`` over one GPU: its parameters are DTensors all the same, measured
+    inside `bind_full_parameters`), else the plain `Recorder` (same arguments)."""
+    if w.distributed or fsdp_units(model):
         return DistributedRecorder(model, probe, ref, run, cfg, world=w, **kwargs)
     return Recorder(model, probe, ref, run, cfg, **kwargs)
 
 
 def make_in_run_recorder(w: World, model, run: RunDir, cfg: RecorderConfig,
                          **kwargs) -> InRunRecorder | DistributedInRunRecorder:
-    """`DistributedInRunRecorder` (``c_scale = 1 / world size``, see there) in a multi-process run,
-    else the plain `InRunRecorder` (same arguments)."""
-    if w.distributed:
+    """`DistributedInRunRecorder` (``c_scale = 1 / world size``, see there) in a multi-process run or
+    for a model with FSDP2 units, else the plain `InRunRecorder` (same arguments)."""
+    if w.distributed or fsdp_units(model):
         return DistributedInRunRecorder(model, run, cfg, world=w, c_scale=1.0 / w.size, **kwargs)
     return InRunRecorder(model, run, cfg, **kwargs)
 
@@ -696,8 +730,9 @@ def make_in_run_recorder(w: World, model, run: RunDir, cfg: RecorderConfig,
 
 @dataclass(frozen=True)
 class Gathered:
-    """What one `full_parameters` window gathered: ``units`` FSDP units, ``bytes`` the full size of
-    their parameters (the all-gathered data), ``seconds`` the wall time of the all-gathers."""
+    """What one `full_parameters` window gathered: ``units`` FSDP units (parameter groups: a
+    ``fully_shard([a, b])`` of several modules is one), ``bytes`` the full size of their parameters
+    (the all-gathered data), ``seconds`` the wall time of the all-gathers."""
     units: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -722,6 +757,19 @@ def _fsdp_state(unit):
         raise InputError("full_parameters: this torch's FSDP2 internals differ from torch 2.13's "
                          "(no _get_fsdp_state()._fsdp_param_groups); the probe pass cannot gather the parameters")
     return state
+
+
+def _distinct_units(units: Sequence[nn.Module]) -> list[nn.Module]:
+    """One module per FSDP state: ``fully_shard([final_norm, lm_head])`` (as accelerate's FSDP2
+    plugin shards the model's tail) makes each module an FSDPModule sharing one state and one
+    parameter group, which is gathered once."""
+    seen, out = set(), []
+    for unit in units:
+        key = id(_fsdp_state(unit))
+        if key not in seen:
+            seen.add(key)
+            out.append(unit)
+    return out
 
 
 def _save_reshard_settings(units: Sequence[nn.Module]) -> list:
@@ -753,10 +801,10 @@ def _top_units(units: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def _full_size(units: Sequence[nn.Module]) -> int:
-    """Bytes of the full sharded parameters of ``units`` (each once, in their stored dtype)."""
-    from torch.distributed.tensor import DTensor
-
-    params = {id(p): p for u in units for p in u.parameters() if isinstance(p, DTensor)}
+    """Bytes of the full parameters of the parameter groups of ``units`` (each once, in their
+    stored dtype): what their all-gathers bring together."""
+    params = {id(fp.sharded_param): fp.sharded_param for u in units for g in _fsdp_state(u)._fsdp_param_groups
+              for fp in g.fsdp_params}
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
@@ -789,9 +837,11 @@ def full_parameters(model: nn.Module) -> Iterator[Gathered]:
         state = _fsdp_state(root)
         if state._is_root is None:     # never run: FSDP's lazy initialization of the first forward
             state._lazy_init()
+    ids = [id(u) for u in units]
+    units = _distinct_units(units)
     saved = _save_reshard_settings(units)
     size = _full_size(units)
-    _GATHERED.update(id(u) for u in units)
+    _GATHERED.update(ids)
     try:
         for unit in units:
             unit.set_reshard_after_forward(False, recurse=False)
@@ -808,7 +858,7 @@ def full_parameters(model: nn.Module) -> Iterator[Gathered]:
                 unit.reshard()
             _restore_reshard_settings(saved)
         finally:
-            _GATHERED.difference_update(id(u) for u in units)
+            _GATHERED.difference_update(ids)
 
 
 @contextlib.contextmanager
@@ -863,16 +913,16 @@ def shard_model(model: nn.Module, w: World | None = None) -> nn.Module:
     is registered as an FSDP forward method of the root (`FSDP_FORWARD`, used by
     `training_forward`): the root's parameters are gathered before it and its gradients
     reduce-scattered after the backward. Gradients are averaged over the ranks, as with DDP, so
-    the trainer's loss scaling is the same. PEFT (LoRA) models are refused (`InputError`).
+    the trainer's loss scaling is the same. A PEFT (LoRA) model is sharded the same way, the
+    ``PeftModel`` as the root: a decoder layer's unit holds its frozen weights and its trainable
+    adapters together (FSDP2 allows both in one unit; the frozen ones get no gradient).
     """
     w = world() if w is None else w
     if not w.distributed:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    if hasattr(model, "get_base_model"):
-        raise InputError("parallel='fsdp' does not support LoRA (PEFT) models yet; use parallel='ddp'")
-    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())   # a PeftModel: its base model's
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise InputError(f"parallel='fsdp' wraps the decoder layers named by a transformers model's "

@@ -10,9 +10,9 @@ predicted and actual changes, what-if table, token Grams) into the run directory
 pairs being trained on (``train_records.parquet``), from hooks on the training backward itself.
 
 Launched by ``torchrun`` with several processes, the same run is trained with DDP (or, with
-``parallel='fsdp'``, FSDP2: the model sharded, the probe diagnostics run on the gathered full
-parameters) and recorded by all ranks, and rank 0 writes the same run directory as one process
-(`dynamics.runs.distributed`).
+``parallel='fsdp'``, FSDP2: the model sharded, the probe diagnostics and in-run rows computed on
+the gathered full parameters) and recorded by all ranks, and rank 0 writes the same run directory
+as one process (`dynamics.runs.distributed`).
 
 Checkpoints (``checkpoint/``: trainable parameters, optimizer state, step) are written
 atomically every ``save_every`` steps; ``resume=True`` continues from the last one and drops
@@ -60,8 +60,14 @@ OPTIMIZERS = ("adamw", "sgd")
 PARALLEL = ("ddp", "fsdp")
 """How a multi-process run (torchrun) trains: DDP (every rank holds the model) or FSDP2 (sharded,
 `dynamics.runs.distributed.shard_model`)."""
-FSDP_UNSUPPORTED = ("in_run", "cross", "lora_r", "save_every", "resume")
-"""Options not supported with ``parallel='fsdp'`` yet (`InputError`)."""
+FSDP_UNSUPPORTED = {
+    "cross": "the per-training-pair split of an update reads the optimizer's state (Adam's moments), which FSDP "
+             "shards over the ranks",
+    "save_every": "checkpoints hold whole parameter and optimizer tensors, FSDP's are sharded over the ranks "
+                  "(they would need torch.distributed.checkpoint)",
+    "resume": "checkpoints hold whole parameter and optimizer tensors, FSDP's are sharded over the ranks",
+}
+"""Options not supported with ``parallel='fsdp'`` (`InputError`), and why."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -94,7 +100,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, splits and tiny-model init"})
     dtype: str = field(default="float32", metadata={"help": "float32, float64 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    parallel: str = field(default="ddp", metadata={"help": "multi-process training under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: decoder layers and the root sharded; the probe diagnostics gather the full parameters once per recorded call); one process: ignored"})
+    parallel: str = field(default="ddp", metadata={"help": "multi-process training under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: decoder layers and the root sharded; the probe diagnostics gather the full parameters once per recorded call, in-run rows for each micro-batch; not with cross, save_every, resume); one process: ignored"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     recorder: RecorderConfig = field(default_factory=RecorderConfig, metadata={"help": "what is recorded (RecorderConfig)"})
 
@@ -156,9 +162,9 @@ class TrainConfig:
             flat = self.flat()
             used = [name for name in FSDP_UNSUPPORTED if flat[name]]
             if used:
-                raise InputError(f"parallel='fsdp' does not support {', '.join(used)} yet (sharded optimizer state, "
-                                 f"checkpoints and training-backward capture are not implemented for FSDP); "
-                                 f"use parallel='ddp'")
+                raise InputError(f"parallel='fsdp' does not support {', '.join(used)}: "
+                                 + "; ".join(f"{name}: {FSDP_UNSUPPORTED[name]}" for name in used)
+                                 + "; use parallel='ddp'")
         if self.resume and self.overwrite:
             raise InputError("resume and overwrite exclude each other: --resume continues the run in --out, "
                              "--overwrite moves it aside and starts a new one")
