@@ -90,6 +90,29 @@ def test_update_effects_is_the_first_order_change(model):
                 p.copy_(before[n])
 
 
+def test_probe_pass_equals_the_separate_measurements(model):
+    """`Analyzer.probe_pass` with θ = a subset: log-probs, pair entries and ⟨g_i, Δθ⟩ of a real
+    in-place update equal `logprobs`, the autograd Gram and `update_effects` (the jvp)."""
+    an = Analyzer(model, 0, params=["layers.0", "lm_head"], impl="autograd")
+    before = an.snapshot()
+    torch.manual_seed(1)
+    try:
+        with torch.no_grad():
+            for n, p in an.params.items():
+                p.add_(1e-3 * torch.randn_like(p))
+        delta = an.delta(before)
+        out = an.probe_pass(PAIRS, delta)
+        assert rel(out.logps.chosen.logp, an.logprobs(PAIRS).chosen.logp) < TOL
+        ip = an.pair_inner_products(PAIRS)                                          # from the (4, 4) Gram
+        for k in ("ip_wl", "sq_w", "sq_l", "cos_wl"):
+            assert rel(getattr(out, k), ip[k]) < TOL
+        assert rel(out.upd, an.update_effects(W + L, delta)) < TOL
+    finally:
+        with torch.no_grad():
+            for n, p in an.params.items():
+                p.copy_(before[n])
+
+
 def test_logprobs_and_table_agree(model):
     an = Analyzer(model, 0)
     out = an.logprobs(PAIRS)

@@ -11,6 +11,7 @@ sentence / token gradient Grams     `sentence_gram`, `pair_inner_products`, `tok
                                     `kernel` (cross-Gram of two sequence sets)  (§4, §5, §6)
 Theorem 3 token decomposition       `token_decomposition`                        (§5)
 effect of a real update             `snapshot`, `delta`, `update_effects` = ⟨g_i, Δθ⟩ (§4)
+all of a recorded probe step        `probe_pass`: log-probs, pair entries, ⟨g_i, Δθ⟩ (§4.2)
 learning-dynamics probes            `probe_metrics`                              (§7)
 ==================================  ==========================================================
 
@@ -29,6 +30,7 @@ from dynamics.core.grads import IMPLS, TokenGram, pair_inner_products, resolve_p
 from dynamics.core.kernels import logprob_kernel
 from dynamics.core.logprobs import (PairLogProbs, TokenizedPairs, TokenizedSequence, logprobs_table,
                                     pair_logprobs, scoring_mode)
+from dynamics.core.probe_pass import ProbePass, probe_pass
 
 __all__ = ["Analyzer"]
 
@@ -75,13 +77,15 @@ class Analyzer:
         return sentence_gram(self.model, seqs, self.pad_id, **self._kw())
 
     def pair_inner_products(self, pairs: TokenizedPairs) -> dict[str, Tensor]:
-        """Per pair (B,) each: ``ip_wl``, ``sq_w``, ``sq_l``, ``cos_wl``."""
+        """Per pair (B,) each: ``ip_wl``, ``sq_w``, ``sq_l``, ``cos_wl`` (ghost: 3B entries, linear in B;
+        func, autograd: read off the (2B)² Gram)."""
         return pair_inner_products(self.model, pairs, **self._kw())
 
     def pair_table(self, pairs: TokenizedPairs, *, batch_size: int = 4, progress=None) -> pd.DataFrame:
-        """`pair_inner_products` of every pair, ``batch_size`` pairs per Gram (its cost grows with
-        the batch squared): one row per pair with ``pair_id, ip_wl, sq_w, sq_l, cos_wl, len_w, len_l``.
-        ``progress``: called with ``(done, total)`` after each batch."""
+        """`pair_inner_products` of every pair, ``batch_size`` pairs at a time (memory; with func
+        and autograd also time, whose Gram grows with the batch squared): one row per pair with
+        ``pair_id, ip_wl, sq_w, sq_l, cos_wl, len_w, len_l``. ``progress``: called with
+        ``(done, total)`` after each batch."""
         rows = []
         for lo in range(0, len(pairs), batch_size):
             sub = pairs.subset(range(lo, min(lo + batch_size, len(pairs))))
@@ -124,6 +128,12 @@ class Analyzer:
         under the update ``delta`` (one jvp; no per-example gradient)."""
         return conditions.update_prediction(self.model, seqs, self.pad_id, delta, self.params,
                                             batch_size=batch_size)
+
+    def probe_pass(self, pairs: TokenizedPairs, delta: Mapping[str, Tensor] | None = None) -> ProbePass:
+        """`dynamics.core.probe_pass.probe_pass`: log-probs, ``ip_wl, sq_w, sq_l, cos_wl`` and, with
+        ``delta`` (from `delta`), ``upd = ⟨g_i, Δθ⟩`` of the 2B sequences, from one forward and one
+        activation backward (the ghost engine's factors; ``impl`` is not consulted)."""
+        return probe_pass(self.model, pairs, self.params, delta=delta)
 
     # ------------------------------------------------------------------ probes
     def probe_metrics(self, prompt: str | None, probes: Sequence) -> list[dict]:

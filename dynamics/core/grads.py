@@ -11,7 +11,8 @@ We compute Gram matrices of these, exactly (no random projection):
 - `token_gram`: ``M[t, s] = ⟨g_a^t, g_b^s⟩`` between two responses, shape (|y_a|, |y_b|), plus
   each token's ``‖g^t‖²`` for cosines (seed 004 Fig. 4b);
 - `pair_inner_products`: ``⟨g_w, g_l⟩``, ``‖g_w‖²``, ``‖g_l‖²`` and the cosine of B preference
-  pairs (the sign of ``⟨g_w, g_l⟩`` is condition (7) of seed 004; Theorem 1 is a test).
+  pairs (the sign of ``⟨g_w, g_l⟩`` is condition (7) of seed 004; Theorem 1 is a test); the ghost
+  engine forms only these 3B entries (`dynamics.core.probe_pass`), not the (2B)² Gram.
 
 θ is a chosen subset of the parameters (`select_params`): all of them, the trainable ones, the
 LoRA adapters, or regex patterns. Tied weights (``lm_head`` = ``embed_tokens``) are one
@@ -352,10 +353,20 @@ def pair_inner_products(model, pairs: TokenizedPairs, *, params="all", impl: str
                         chunk_size: int | None = None) -> dict[str, Tensor]:
     """Per pair: ``ip_wl = ⟨g_w, g_l⟩``, ``sq_w = ‖g_w‖²``, ``sq_l = ‖g_l‖²``, ``cos_wl``; each (B,).
 
-    Chosen and rejected are stacked into 2B sequences and one `sentence_gram` is computed (the
-    off-pair entries come for free; use `sentence_gram` directly to keep them).
+    ``impl="ghost"``: only the three Gram entries of each pair, (w_k, l_k), (w_k, w_k), (l_k, l_k),
+    from one forward and one activation backward of the 2B sequences
+    (`dynamics.core.probe_pass.probe_pass`): cost linear in B. Returned in the model's dtype
+    (float32 for a half-precision model; contracted in float32 or float64 either way).
+    ``"func"``, ``"autograd"``: one `sentence_gram` of the 2B sequences, (2B)² entries, of which
+    these are read. For the off-pair entries use `sentence_gram`.
     """
+    _check_impl(impl)
     B = len(pairs)
+    if impl == "ghost":
+        from dynamics.core.probe_pass import probe_pass
+        out = probe_pass(model, pairs, params)
+        like = out.logps.chosen.logp                                             # model dtype, half -> float32
+        return {k: getattr(out, k).to(device=like.device, dtype=like.dtype) for k in ("ip_wl", "sq_w", "sq_l", "cos_wl")}
     G = sentence_gram(model, pairs.chosen + pairs.rejected, pairs.pad_id, params=params, impl=impl,
                       chunk_size=chunk_size)                                     # (2B, 2B)
     i = torch.arange(B, device=G.device)

@@ -4,10 +4,11 @@
     for step, batch in enumerate(loader):
         loss = ...; loss.backward()
         if step % 10 == 0:
-            rec.before_update(step)        # θ_s: log-probs, gradient inner products, predictions
+            rec.before_update(step)        # snapshot θ_s
         optimizer.step(); optimizer.zero_grad()
         if rec.pending:
-            logs = rec.after_update()      # θ_{s+1}: actual changes, update-based prediction
+            logs = rec.after_update()      # θ_s put back: log-probs, gradient inner products, predictions,
+                                           # ⟨g, Δθ⟩; θ_{s+1}: actual changes
     rec.final(step + 1)
 
 With ``cross`` on, `Recorder.before_update` also takes the step's training pairs and their loss
@@ -23,8 +24,16 @@ drive this class. One flat row per step × probe pair goes to ``records.parquet`
 - SGD-form prediction of a step of size η on this pair alone (seed 004 §3.2):
   ``pred_dw, pred_dl``, thresholds ``thr_w, thr_l`` (eq. 9/10) and ``case_pred`` (Table 1);
 - the real update Δθ = θ_{s+1} − θ_s (any optimizer, any batch): its exact first-order effect
-  ``upd_dw = ⟨g_w(θ_s), Δθ⟩``, ``upd_dl`` (forward-mode jvp at θ_s, no per-example gradient), the
-  actual changes ``act_dw, act_dl`` and ``case_obs``.
+  ``upd_dw = ⟨g_w(θ_s), Δθ⟩``, ``upd_dl`` (no per-example gradient), the actual changes
+  ``act_dw, act_dl`` and ``case_obs``.
+
+Cost of a recorded step with the default ghost engine (docs/math.md §4.2): θ_s is measured after
+the update, with the snapshot put back, by one probe pass (`dynamics.core.probe_pass`: one forward
+and one activation backward of the 2n probe sequences give the log-probs, the 3 Gram entries of
+each pair and ``upd`` from the same factors), then one no-grad forward at θ_{s+1}; the token Grams
+(``token_pairs``), the learning-dynamics ``probes`` and ``cross`` come on top. With ``impl`` func or
+autograd (the oracles): a no-grad forward, the (2n)² Gram, a jvp (≈ 3 forwards) and the forward
+at θ_{s+1}.
 
 With ``in_run`` on, `InRunRecorder` adds ``train_records.parquet``: one row per step × *training*
 pair, at every optimizer step, measured on the training forward/backward itself (no probe pass):
@@ -56,7 +65,7 @@ from dynamics.core.analyzer import Analyzer
 from dynamics.core.contrib import TrainingBatch, parameters_at, training_pair_contributions, update_map
 from dynamics.core.grads import IMPLS, select_params
 from dynamics.core.inrun import InRunCapture, predict_with_missing
-from dynamics.core.logprobs import TokenizedPairs
+from dynamics.core.logprobs import PairLogProbs, TokenizedPairs
 from dynamics.core.losses import compute_loss, resolve_hyper
 from dynamics.errors import InputError
 from dynamics.runs.rundir import RunDir, safe_name, save_token_gram
@@ -174,13 +183,14 @@ class Recorder:
         return self._pending is not None
 
     # ------------------------------------------------------------------ state at θ
-    def _state(self) -> dict:
-        out = self.analyzer.logprobs(self.probe)
-        dtype = out.chosen.logp.dtype
-        lw, ll = out.chosen.logp.double(), out.rejected.logp.double()
+    def _state(self, out: PairLogProbs | None = None) -> dict:
+        """Log-probs of the probe pairs at the model's θ: ``out`` (e.g. of the probe pass), else one
+        no-grad forward."""
+        out = self.analyzer.logprobs(self.probe) if out is None else out
+        lw, ll = out.chosen.logp.detach().double(), out.rejected.logp.detach().double()
         nw, nl = out.chosen.lengths.double(), out.rejected.lengths.double()
-        return dict(lw=lw, ll=ll, lw_norm=out.chosen.logp_norm.double(), ll_norm=out.rejected.logp_norm.double(),
-                    nw=nw, nl=nl, dtype=dtype)
+        return dict(lw=lw.cpu(), ll=ll.cpu(), lw_norm=out.chosen.logp_norm.detach().double().cpu(),
+                    ll_norm=out.rejected.logp_norm.detach().double().cpu(), nw=nw.cpu(), nl=nl.cpu())
 
     def _snapshot(self) -> dict:
         """θ_s: the selected parameters and every trainable one (all that the step may move, so
@@ -191,35 +201,59 @@ class Recorder:
     @_no_autocast
     def before_update(self, step: int, lr: float | None = None, *,
                       train_batch: TrainingBatch | list[TrainingBatch] | None = None) -> None:
-        """Measure θ_s: log-probs, coefficients, gradient inner products, predictions; snapshot θ.
+        """Snapshot θ_s (one copy of the trainable and selected parameters) with the step's η; every
+        measurement of θ_s is taken by `after_update`, with θ_s put back, where the update Δθ is known
+        (docs/math.md §4.2).
 
         ``train_batch`` (needed with ``cfg.cross``, ignored otherwise): the step's training pairs and
         their ``c_w = ∂L/∂lw``, ``c_l = ∂L/∂ll`` (`dynamics.core.contrib.TrainingBatch`), or a list
         of them, one per micro-batch."""
-        cfg = self.cfg
         lr = self.lr if lr is None else lr
         batch = None
-        if cfg.cross:
+        if self.cfg.cross:
             if train_batch is None:
                 raise InputError("cross=True: before_update needs train_batch=TrainingBatch(pairs, c_w, c_l) "
                                  "(or a list, one per micro-batch): the training pairs of this step and "
                                  "their dL/dlogp")
             batch = TrainingBatch.concat(train_batch)
-        st = self._state()
+        self._pending = dict(step=step, lr=lr, snapshot=self._snapshot(), batch=batch)
+
+    def _measure(self, p: dict, delta: dict, umap) -> None:
+        """Everything of θ_s (the model holds θ_s): log-probs, coefficients, gradient inner products,
+        predictions, ``upd`` (or, with ``cross``, the per-training-pair split), what-if, token Grams and
+        probes, into ``p``.
+
+        The ghost engine measures log-probs, the pair entries and ``upd`` in one probe pass (one
+        forward, one activation backward, `dynamics.core.probe_pass`); func and autograd (oracles) by
+        a no-grad forward, the (2n)² Gram and a jvp."""
+        cfg, step, lr = self.cfg, p["step"], p["lr"]
+        if cfg.impl == "ghost":
+            pp = self.analyzer.probe_pass(self.probe, delta=None if cfg.cross else delta)
+            st = self._state(pp.logps)
+            ip = dict(ip_wl=pp.ip_wl, sq_w=pp.sq_w, sq_l=pp.sq_l, cos_wl=pp.cos_wl)
+            upd = pp.upd
+        else:
+            st = self._state()
+            ip = {k: v.double().cpu() for k, v in self.analyzer.pair_inner_products(self.probe).items()}
+            seqs = self.probe.chosen + self.probe.rejected
+            upd = None if cfg.cross else self.analyzer.update_effects(seqs, delta).double().cpu()
         rw, rl = self.ref_w.double(), self.ref_l.double()
         lo = compute_loss(self.loss, st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], **self.loss_params)
-        ip = {k: v.double().cpu() for k, v in self.analyzer.pair_inner_products(self.probe).items()}
         pred = conditions.predict(lo.d_w, lo.d_l, ip["ip_wl"], ip["sq_w"], ip["sq_l"], lr=lr)
-        snapshot = self._snapshot()
-        self._pending = dict(step=step, lr=lr, st=st, lo=lo, ip=ip, pred=pred, snapshot=snapshot, batch=batch)
+        p.update(st=st, lo=lo, ip=ip, pred=pred, upd=upd, cross=None)
         if cfg.whatif:
             wi = conditions.what_if(st["lw"], st["ll"], rw, rl, st["nw"], st["nl"], ip["ip_wl"], ip["sq_w"],
                                     ip["sq_l"], lr=lr, pair_ids=self.probe.pair_ids)
             wi = wi.rename(columns={"pair": "pair_id"})
             wi.insert(0, "step", step)
-            self._pending["whatif"] = wi
-        self._pending["token"] = [self._token(step, k, lo, lr) for k in range(min(cfg.token_pairs, len(self.probe)))]
-        self._pending["probes"] = self._probe_rows(step)
+            p["whatif"] = wi
+        p["token"] = [self._token(step, k, lo, lr) for k in range(min(cfg.token_pairs, len(self.probe)))]
+        p["probes"] = self._probe_rows(step)
+        if cfg.cross:
+            p["cross"] = training_pair_contributions(self.model, self.probe.chosen + self.probe.rejected, p["batch"],
+                                                     umap, delta, params=self.analyzer.params, impl=cfg.impl,
+                                                     chunk_size=cfg.token_chunk)
+            p["upd"] = p["cross"].upd
 
     def _probe_rows(self, step: int) -> list[dict]:
         """Learning-dynamics probe metrics (`dynamics.core.probes.METRICS`) of every probe set."""
@@ -247,11 +281,14 @@ class Recorder:
     # ------------------------------------------------------------------ after the update
     @_no_autocast
     def after_update(self, optimizer=None) -> dict[str, float]:
-        """Measure θ_{s+1}; write the rows of step s. Returns scalar summaries for loggers.
+        """Measure θ_s and θ_{s+1}; write the rows of step s. Returns scalar summaries for loggers.
 
-        ``upd = ⟨g(θ_s), Δθ⟩`` is measured with θ_s put back into the model for the jvp and θ_{s+1}
-        restored bit for bit. ``optimizer`` (needed with ``cfg.cross``): the optimizer that has just
-        made the step, before any lr scheduler step (its state gives U, §4.1)."""
+        θ_s (the snapshot of `before_update`) is put back into the model for the measurements of
+        `_measure`, ``upd = ⟨g(θ_s), Δθ⟩`` with Δθ = θ_{s+1} − θ_s among them, and θ_{s+1} is restored
+        bit for bit; then one no-grad forward at θ_{s+1} gives the actual changes. The training's
+        ``.grad`` and the optimizer state are not touched. ``optimizer`` (needed with ``cfg.cross``):
+        the optimizer that has just made the step, before any lr scheduler step (its state gives U,
+        §4.1)."""
         if self._pending is None:
             raise RuntimeError("after_update() without before_update()")
         if self.cfg.cross and optimizer is None:
@@ -259,21 +296,13 @@ class Recorder:
             raise InputError("cross=True: after_update needs optimizer= (the optimizer that made the step; "
                              "its state gives the update map of the per-training-pair split)")
         p, self._pending = self._pending, None
-        seqs = self.probe.chosen + self.probe.rejected
         delta = self.analyzer.delta({n: p["snapshot"][n] for n in self.analyzer.params})
-        cross = None
-        if self.cfg.cross:
-            umap = update_map(optimizer, self.analyzer.params)
-        with parameters_at(self.model, p["snapshot"]):                          # θ_s; θ_{s+1} back after
-            if self.cfg.cross:
-                cross = training_pair_contributions(self.model, seqs, p["batch"], umap, delta,
-                                                    params=self.analyzer.params, impl=self.cfg.impl,
-                                                    chunk_size=self.cfg.token_chunk)
-                upd = cross.upd
-            else:
-                upd = self.analyzer.update_effects(seqs, delta).double().cpu()
+        umap = update_map(optimizer, self.analyzer.params) if self.cfg.cross else None
+        with parameters_at(self.model, p.pop("snapshot")):                      # θ_s; θ_{s+1} back after
+            self._measure(p, delta, umap)
         B = len(self.probe)
         new = self._state()
+        upd, cross = p["upd"], p["cross"]
         act_dw, act_dl = new["lw"] - p["st"]["lw"], new["ll"] - p["st"]["ll"]
         changes = dict(upd_dw=upd[:B], upd_dl=upd[B:], act_dw=act_dw, act_dl=act_dl)
         if cross is not None:
