@@ -28,7 +28,9 @@ chunked), started at the final hidden state with the analytic cotangent ``(e_y -
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -448,7 +450,8 @@ class _TokenStream:
     Token t's log-prob is an item. The lm_head use is ``r_t ⊗ h_t`` at one position (no
     backward). The body's output gradients come from a batched backward (``is_grads_batched``,
     ``chunk`` tokens at a time) started at ``h`` with the cotangent ``r_t W`` at position p_t,
-    carried down block by block, so only one block's gradients are alive at a time.
+    carried down block by block, so only one block's gradients are alive at a time. The chunks
+    stay separate (no concatenation): each use comes as one `Use` per chunk, items in order.
     """
 
     def __init__(self, model, seq: TokenizedSequence, pad_id: int, params, chunk: int | None):
@@ -464,49 +467,357 @@ class _TokenStream:
             h_sel, self.r, self.pos, _ = _head_forward(self.head, self.h, self.batch)  # (1, L, ·)
         self.h_sel = h_sel
 
-    def head_uses(self) -> list[tuple[int, Use]]:
+    @property
+    def T(self) -> int:
+        return self.h.shape[1]
+
+    def head_uses(self) -> list[tuple[int, list[Use]]]:
         # items (L, 1, ·): token t's lm_head gradient is r_t ⊗ h_t at a single position
-        return _head_uses(self.head, self.params, self.h_sel.transpose(0, 1), self.r.transpose(0, 1))
+        uses = _head_uses(self.head, self.params, self.h_sel.transpose(0, 1), self.r.transpose(0, 1))
+        return [(pid, [u]) for pid, u in uses]
 
     def segment_uses(self):
-        """Yield the uses of each body segment, top down (see `_segments`)."""
+        """Yield the uses of each body segment, top down (see `_segments`): ``(id(p), chunks)``."""
         L, h = self.L, self.h
         cot = torch.zeros(L, *h.shape, dtype=h.dtype, device=h.device)           # (L, 1, T, d)
         cot[torch.arange(L), 0, self.pos[0]] = self.r[0] @ self.head.weight
+        cots = list(cot.split(self.chunk))                                       # per chunk (L_c, 1, T, d)
         for out, inp, seg_calls in _segments(self.calls, h):
             inputs = ([inp] if inp is not None else []) + [c.out for c in seg_calls]
             if not inputs:
                 yield []
                 continue
-            parts = []
-            for lo in range(0, L, self.chunk):
-                g = torch.autograd.grad(out, inputs, cot[lo:lo + self.chunk], retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True)
-                parts.append([torch.zeros(cot[lo:lo + self.chunk].shape[0], *x.shape, dtype=x.dtype,
-                                          device=x.device) if gi is None else gi for gi, x in zip(g, inputs)])
-            grads = [torch.cat(col) if len(col) > 1 else col[0] for col in zip(*parts)]
+            grads = []                                                           # per chunk, per input
+            for ct in cots:
+                g = torch.autograd.grad(out, inputs, ct, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                grads.append([torch.zeros(ct.shape[0], *x.shape, dtype=x.dtype, device=x.device)
+                              if gi is None else gi for gi, x in zip(g, inputs)])
             if inp is not None:
-                cot, grads = grads[0], grads[1:]
+                cots, grads = [g[0] for g in grads], [g[1:] for g in grads]
             pairs = []
-            for c, g in zip(seg_calls, grads):
-                pairs += _uses_of_call(c, g, shared=True)
+            for i, c in enumerate(seg_calls):
+                f = None if isinstance(c.module, (nn.Linear, nn.Embedding, _conv1d_type())) else _unscaled(c.module, c.names, c.inp)
+                per_chunk = [_token_call_uses(c, g[i], f) for g in grads]
+                pairs += [(pid, [uses[j][1] for uses in per_chunk]) for j, (pid, _) in enumerate(per_chunk[0])]
             yield pairs
+
+
+def _unscaled(module: nn.Module, names, x: Tensor) -> Tensor | None:
+    """``f(x)`` of a module ``y = γ ⊙ f(x) (+ β)`` whose selected parameters are its 1-D scale γ
+    (and shift β) — LayerNorm, RMSNorm —, checked on ``x``; None for any other module."""
+    roles = {r for r, _ in names}
+    d = x.shape[-1]
+    if not x.is_floating_point() or x.dim() < 2 or not all(p.dim() == 1 and p.shape[0] == d for _, p in names):
+        return None
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and roles <= {"weight", "bias"}:
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if roles != {"weight"}:
+        return None
+    from torch.func import functional_call
+    (_, w), = names
+    try:
+        f = functional_call(module, {"weight": torch.ones_like(w)}, (x,))
+        ok = isinstance(f, Tensor) and f.shape == x.shape and torch.equal(w * f, functional_call(module, {"weight": w}, (x,)))
+    except (RuntimeError, TypeError):
+        return None
+    return f if ok else None
+
+
+def _token_call_uses(c: _Call, grad: Tensor, f: Tensor | None) -> list[tuple[int, Use]]:
+    """`_uses_of_call` at token level (input shared by the items, ``grad`` (L, 1, ...)); a norm
+    with ``f = _unscaled(...)`` of its input gets its scale/shift gradients in closed form, token
+    t's ``Σ_τ g_tτ ⊙ f(x_τ)`` and ``Σ_τ g_tτ`` (a product over positions, not a vjp per token)."""
+    if f is None:
+        return _uses_of_call(c, grad, shared=True)
+    L, d = grad.shape[0], grad.shape[-1]
+    g = grad.reshape(L, -1, d)                                                   # (L, positions, d)
+    mats = {"weight": (g * f.reshape(1, -1, d)).sum(1), "bias": g.sum(1)}        # (L, d) each
+    return [(id(p), Use(mat=mats[r])) for r, p in c.names]
+
+
+def _merged(chunks: list[Use]) -> Use:
+    """The use with its chunks' items concatenated (for the contractions that need them at once)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    u = chunks[0]
+    if u.mat is not None:
+        return Use(mat=torch.cat([c.mat for c in chunks]))
+    cat = lambda side: side(u) if side(u).shared else Factor(torch.cat([side(c).x for c in chunks]), side(u).onehot)
+    return Use(cat(lambda c: c.rows), cat(lambda c: c.cols))
+
+
+# Token-level contractions (docs/math.md §6.3). The items are the tokens of two responses a, b;
+# a linear-type use has one input factor X shared by a stream's items and per-token output
+# gradients Y_t. Over the *union* rows of the pair (a's positions, then b's positions past the
+# prefix S the two sequences share, whose inputs are identical in a causal LM) let R be the
+# triangular factor of a QR of Xᵀ: X Xᵀ = Rᵀ R, R (r, N) upper trapezoidal, r = min(N, d_in). Then
+#     ⟨g_t, g_s⟩ = tr(Y_tᵀ X Xᵀ Y_s) = ⟨R Y_t, R Y_s⟩
+# so every token's gradient is Z_t = R Y_t (r × m numbers instead of d_in × m): M = Z_a Z_bᵀ,
+# ‖g_t‖² = ‖Z_t‖², and ⟨g_t, g_s⟩ of a w–l pair, ‖g^t_w‖², ‖g^s_l‖² all come from one Z per token.
+# Y_t is zero past token t's position (causality) and R is zero below its diagonal, so Z_t is built
+# block by block from the nonzero blocks only: ≈ (p_t)²/2 · m per token, about half of one
+# two-step ghost contraction, against ≈ p_t · d_in · m for the token's backward through the layer.
+# r = min(N, d_in) makes it the materialized gradient (in a rotated basis) where d_in < N.
+
+_ROW_BLOCK = 128   # rows of R per matmul: ≈ equal blocks up to this size (fewer, larger GEMMs beat exact triangles)
+
+
+@dataclass
+class _PairLayout:
+    """Where the positions of streams a and b sit among the union rows of a pair (see above)."""
+    Ta: int
+    Tb: int
+    S: int                      # positions < S hold the same ids in a and b (common prefix)
+    last_a: list[int]           # per token item: its position p_t (rows > p_t of Y_t are zero)
+    last_b: list[int]
+    same: bool                  # a and b are the same sequence (one stream)
+
+    @classmethod
+    def of(cls, a: _TokenStream, b: _TokenStream) -> "_PairLayout":
+        ia, ib = a.batch.input_ids[0], b.batch.input_ids[0]
+        n = min(len(ia), len(ib))
+        diff = (ia[:n] != ib[:n]).nonzero()
+        S = int(diff[0]) if len(diff) else n
+        return cls(a.T, b.T, S, a.pos[0].tolist(), b.pos[0].tolist(), a is b)
+
+    def cols(self, side: str, S: int) -> list[int]:
+        """Union column of each own row: a's rows come first, b's rows < S are a's."""
+        if side == "a" or self.same:
+            return list(range(self.Ta))
+        return list(range(S)) + list(range(self.Ta, self.Ta + self.Tb - S))
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _dense_side(u: Use) -> tuple[Tensor, Tensor] | None:
+    """``(X (T, k), Y (L, T, m))`` of a linear-type use (weight of Linear/Conv1D, bias: X = 1):
+    one side shared by all token items, the other per item; None for any other use."""
+    if u.mat is not None:
+        return None
+    for sh, it in ((u.rows, u.cols), (u.cols, u.rows)):
+        if sh.shared and not sh.onehot and not it.shared and not it.onehot and it.x.dim() == 3 \
+                and sh.x.shape[:2] == (1, it.x.shape[1]):
+            return sh.x[0], it.x
+    return None
+
+
+def _dense_chunks(uses: list[list[Use]], T: int) -> tuple[Tensor, list[Tensor]] | None:
+    """``(X (T, k), [Y chunk (L_c, T, m)])`` of a parameter with one linear-type use of one row
+    per position, else None."""
+    if len(uses) != 1:
+        return None
+    sides = [_dense_side(u) for u in uses[0]]
+    if any(s is None or s[1].shape[1] != T for s in sides):
+        return None
+    return sides[0][0], [s[1] for s in sides]
+
+
+def _rows_agree(xa: Tensor, xb: Tensor) -> bool:
+    """The shared-prefix inputs of the two streams are the same numbers up to rounding (a causal
+    LM computes them from the same ids); else the rows are kept apart (still exact)."""
+    if xa.numel() == 0:
+        return True
+    tol = torch.finfo(_compute(xa.dtype)).eps ** 0.5
+    return bool((xa - xb).abs().max() <= tol * xa.abs().max().clamp_min(torch.finfo(xa.dtype).tiny))
+
+
+def _causal_last(ys: list[Tensor], last: list[int]) -> list[int]:
+    """``last`` if every item's Y is zero past its position (causal attention), else no skipping.
+
+    Only the rows past the first item's position are read (the response rows, not the prompt's)."""
+    T, i = ys[0].shape[1], 0
+    lo = min(last[0] + 1, T)
+    for y in ys:
+        n = y.shape[0]
+        past = torch.arange(lo, T, device=y.device)[None, :] > torch.tensor(last[i:i + n], device=y.device)[:, None]
+        if bool((y[:, lo:].reshape(n, T - lo, -1).abs().amax(-1) * past).any()):
+            return [T - 1] * len(last)
+        i += n
+    return last
+
+
+def _row_blocks(kmax: int) -> list[tuple[int, int]]:
+    """Rows [0, kmax) of R cut into ≈ equal blocks of at most `_ROW_BLOCK` rows."""
+    n = -(-kmax // _ROW_BLOCK)
+    size = -(-kmax // n)
+    return [(k0, min(k0 + size, kmax)) for k0 in range(0, kmax, size)]
+
+
+class _Projected:
+    """One stream's items ``Z_t = R[:, cols] Y_t`` row block by row block, never all rows at once.
+
+    ``cols`` (T,) increasing union column of each own row; ``ys`` the items' Y in chunks
+    (L_c, T, m), items in order, with the rows past ``last[t]`` of item t zero (``last``
+    increasing). R (r, N) is upper trapezoidal, so the rows [k0, k1) of Z_t need only the own rows
+    whose column is ≥ k0, and are zero for the items whose last row lies before them.
+    """
+
+    def __init__(self, R: Tensor, cols: list[int], ys: list[Tensor], last: list[int]):
+        self.Tm = last[-1] + 1                                                   # rows past it: zero for all
+        self.cols, self.last = cols, last
+        self.R = R[:, cols[:self.Tm]]                                            # (r, Tm)
+        self.ys = [y if y.dtype == R.dtype else y.to(R.dtype) for y in ys]       # (L_c, T, m) each
+        self.kmax = min(R.shape[0], cols[self.Tm - 1] + 1)                       # rows of R that meet them
+
+    def block(self, k0: int, k1: int) -> tuple[int, Tensor | None]:
+        """``(i0, Z)``: items ≥ i0 of rows [k0, k1), Z (L - i0, (k1 - k0)·m); None if all are zero."""
+        L = len(self.last)
+        t0 = bisect.bisect_left(self.cols, k0, 0, self.Tm)                       # R[k, cols[t]] = 0 for cols[t] < k0
+        i0 = bisect.bisect_left(self.last, t0)
+        if k0 >= self.kmax or i0 == L:
+            return i0, None
+        Rk = self.R[k0:k1, t0:]
+        Z = torch.empty(L - i0, k1 - k0, self.ys[0].shape[2], dtype=Rk.dtype, device=Rk.device)
+        c0 = 0
+        for y in self.ys:                                                        # chunk: items [c0, c1)
+            c1 = c0 + y.shape[0]
+            if c1 > i0:
+                j = max(i0, c0)
+                torch.matmul(Rk, y[j - c0:, t0:self.Tm], out=Z[j - i0:c1 - i0])  # (n, k1 - k0, m)
+            c0 = c1
+        return i0, Z.view(L - i0, -1)
+
+
+def _rowdot(Z: Tensor, inplace: bool = False) -> Tensor:
+    """(n,) squared norms of the rows of ``Z`` (n, K) (``inplace``: squaring ``Z`` itself). A torch
+    reduction (cascade summation), not a BLAS dot: over K ~ 10⁵ float32 squares a dot's running sum
+    is off by ~1e-4 (measured on SmolLM2)."""
+    return (Z.square_() if inplace else Z.square()).sum(1)
+
+
+def _dense_terms(da, db, lay: _PairLayout, cache: dict, out: tuple[Tensor, Tensor, Tensor]) -> None:
+    """Add ``(M, sq_a, sq_b)`` of one linear-type parameter to ``out``; ``da``, ``db``: its
+    `_dense_chunks` in streams a and b."""
+    (xa, ya), (xb, yb) = da, db
+    M, sq_a, sq_b = out
+    S = lay.S
+    if not lay.same and S and not _rows_agree(xa[:S], xb[:S]):
+        S = 0
+    key = (xa.data_ptr(), xb.data_ptr(), tuple(xa.shape), tuple(xb.shape), S)
+    if key not in cache:
+        X = xa if lay.same else torch.cat([xa, xb[S:]])                         # (N, k) union rows
+        cache[key] = torch.linalg.qr(X.to(M.dtype).T, mode="r").R                # (r, N): X Xᵀ = Rᵀ R
+    R = cache[key]
+    pa = _Projected(R, lay.cols("a", S), ya, _causal_last(ya, lay.last_a))
+    pb = pa if lay.same else _Projected(R, lay.cols("b", S), yb, _causal_last(yb, lay.last_b))
+    for k0, k1 in _row_blocks(max(pa.kmax, pb.kmax)):
+        ia, za = pa.block(k0, k1)
+        ib, zb = (ia, za) if lay.same else pb.block(k0, k1)
+        if za is not None and zb is not None:
+            M[ia:, ib:] += za @ zb.T
+        if za is not None:
+            sq_a[ia:] += _rowdot(za, inplace=True)
+        if zb is not None and not lay.same:
+            sq_b[ib:] += _rowdot(zb, inplace=True)
+
+
+def _embed_head_parts(uses: list[Use]):
+    """``(ids (T,), G (L, T, d))`` of the one embedding use and ``(r (L, V), h (L, d))`` of the one
+    lm_head-type use (rank one at a single position) among ``uses`` (either may be None), or None
+    if ``uses`` holds anything else."""
+    emb = head = None
+    for u in uses:
+        if u.mat is None and u.rows.onehot and u.rows.shared and not u.cols.onehot and not u.cols.shared \
+                and emb is None:
+            emb = (u.rows.x[0], u.cols.x)
+        elif u.mat is None and not (u.rows.onehot or u.cols.onehot or u.rows.shared or u.cols.shared) \
+                and u.rows.x.shape[1] == 1 and head is None:
+            head = (u.rows.x[:, 0], u.cols.x[:, 0])
+        else:
+            return None
+    return emb, head
+
+
+def _embed_head_terms(pa, pb, lay: _PairLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """``(M, sq_a, sq_b)`` of an embedding and/or lm_head parameter (tied: both uses).
+
+    Token t's gradient is ``G_t = r_t ⊗ h_t + Σ_τ e_{x_τ} ⊗ g_tτ`` (V × d). On the ids U that occur
+    in either sequence it is ``Z_t = r_t[U] ⊗ h_t + Σ_τ e_{x_τ} ⊗ g_tτ`` (|U| × d); elsewhere only
+    the head's ``r̄_t ⊗ h_t`` (r̄ = r with U zeroed). So ⟨G_t, G_s⟩ = ⟨Z_t, Z_s⟩ + (r̄_t·r̄_s)(h_t·h_s).
+    """
+    (ea, ha), (eb, hb) = pa, pb
+    ids = [e[0] for e in (ea, eb) if e is not None]
+    U, inv = (torch.unique(torch.cat(ids), return_inverse=True) if ids else (None, None))
+
+    def side(e, hd, n_before):
+        Z = rb = hh = None
+        if e is not None:
+            x, g = e
+            ct = _compute(g.dtype)
+            Z = torch.zeros(g.shape[0], len(U), g.shape[2], dtype=ct, device=g.device)
+            Z.index_add_(1, inv[n_before:n_before + len(x)], g.to(ct))
+        if hd is not None:
+            r, hh = hd
+            ct = _compute(r.dtype)
+            r, hh = r.to(ct), hh.to(ct)
+            rb = r
+            if U is not None:
+                Z = Z + r[:, U, None] * hh[:, None, :]
+                rb = r.clone()
+                rb[:, U] = 0
+        return Z, rb, hh
+
+    Za, ra, ha_ = side(ea, ha, 0)
+    Zb, rb, hb_ = (Za, ra, ha_) if lay.same else side(eb, hb, len(ea[0]) if ea is not None else 0)
+    M = sq_a = sq_b = 0
+    if Za is not None:
+        Za, Zb = Za.reshape(Za.shape[0], -1), Zb.reshape(Zb.shape[0], -1)           # (L, |U|·d)
+        M, sq_a, sq_b = Za @ Zb.T, _rowdot(Za), _rowdot(Zb)
+    if ra is not None:
+        M = M + (ra @ rb.T) * (ha_ @ hb_.T)
+        sq_a = sq_a + _rowdot(ra) * _rowdot(ha_)
+        sq_b = sq_b + _rowdot(rb) * _rowdot(hb_)
+    return M, sq_a, sq_b
+
+
+def _token_terms(ua: list[list[Use]], ub: list[list[Use]], lay: _PairLayout, cache: dict,
+                 out: tuple[Tensor, Tensor, Tensor]) -> None:
+    """Add ``(M (La, Lb), sq_a (La,), sq_b (Lb,))`` of one parameter, from its uses in streams a
+    and b (each use as its chunks), to ``out`` (``sq_b`` is ``sq_a`` when a is b)."""
+    M, sq_a, sq_b = out
+    da, db = _dense_chunks(ua, lay.Ta), _dense_chunks(ub, lay.Tb)
+    if da is not None and db is not None:
+        return _dense_terms(da, db, lay, cache, out)  # one row per position (causal skipping applies)
+    ua, ub = [_merged(u) for u in ua], [_merged(u) for u in ub]
+    if all(u.mat is not None for u in ua + ub):                                 # norm weights: (L, P) each
+        Ga, Gb = sum(u.mat for u in ua).to(M.dtype), sum(u.mat for u in ub).to(M.dtype)
+        m, qa, qb = Ga @ Gb.T, _rowdot(Ga), _rowdot(Gb)
+    else:
+        pa, pb = _embed_head_parts(ua), _embed_head_parts(ub)
+        if pa is not None and pb is not None and [x is None for x in pa] == [x is None for x in pb]:
+            m, qa, qb = _embed_head_terms(pa, pb, lay)
+        else:  # anything else (a weight with several uses of one kind, ...): the generic contraction
+            La, Lb = M.shape
+            m = gram_from_uses({0: ua}, {0: ub}, La, Lb)
+            qa = gram_from_uses({0: ua}, {0: ua}, La, La, diag=True)
+            qb = gram_from_uses({0: ub}, {0: ub}, Lb, Lb, diag=True)
+    M.add_(m)
+    sq_a.add_(qa)
+    if sq_b is not sq_a:
+        sq_b.add_(qb)
 
 
 def ghost_token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, pad_id: int,
                      params: dict[str, nn.Parameter], chunk_size: int | None = None):
     """Token-level Gram ``M[t,s] = ⟨∇log π(y_a^t|·), ∇log π(y_b^s|·)⟩`` and the squared norms.
 
-    Returns ``(M (La, Lb), sq_a (La,), sq_b (Lb,))``. One forward per response; the two
-    responses' batched backwards advance together block by block and each block's uses are
-    contracted as soon as both are known, so memory holds one block's per-token gradients
-    (|y| × T × Σ d_out of that block), not the whole network's. Parameters used in several
-    segments (a tied embedding / lm_head) keep their uses until the end for the cross terms.
+    Returns ``(M (La, Lb), sq_a (La,), sq_b (Lb,))`` in the model's dtype (contracted in float32
+    for a half-precision model). One forward and one batched backward per response (one in all
+    when ``seq_a == seq_b``); the two backwards advance together block by block and each block's
+    uses are contracted as soon as both are known, so memory holds one block's per-token
+    gradients (|y| × T × Σ d_out of that block), not the whole network's. Each token's gradient
+    is contracted once, into ``Z_t = R Y_t`` over the union of the two sequences' positions (the
+    shared prompt counted once), from which M and both norms follow (docs/math.md §6.3).
+    Parameters used in several segments (a tied embedding / lm_head) keep their uses until the
+    end for the cross terms.
     """
     with torch.no_grad():
         a = _TokenStream(model, seq_a, pad_id, params, chunk_size)
-        b = _TokenStream(model, seq_b, pad_id, params, chunk_size)
+        b = a if seq_a == seq_b else _TokenStream(model, seq_b, pad_id, params, chunk_size)
         La, Lb = a.L, b.L
+        lay = _PairLayout.of(a, b)
         # parameters with uses in more than one segment (or in the head and the body) wait
         seg_of: dict[int, set] = {}
         for k, (_, _, seg_calls) in enumerate(_segments(a.calls, a.h)):
@@ -521,31 +832,36 @@ def ghost_token_gram(model, seq_a: TokenizedSequence, seq_b: TokenizedSequence, 
         if missing:
             raise ValueError(f"selected parameter(s) {missing[:5]} are used by no module call the ghost "
                              "engine can see (used outside a module forward?); use impl='func'")
-        M = torch.zeros(La, Lb, dtype=a.h.dtype, device=a.h.device)
-        sq_a = torch.zeros(La, dtype=a.h.dtype, device=a.h.device)
-        sq_b = torch.zeros(Lb, dtype=a.h.dtype, device=a.h.device)
-        keep_a: dict[int, list[Use]] = {}
-        keep_b: dict[int, list[Use]] = {}
+        dt = a.h.dtype
+        ct = _compute(dt)
+        M = torch.zeros(La, Lb, dtype=ct, device=a.h.device)
+        sq_a = torch.zeros(La, dtype=ct, device=a.h.device)
+        sq_b = sq_a if lay.same else torch.zeros(Lb, dtype=ct, device=a.h.device)
+        keep_a: dict[int, list[list[Use]]] = {}
+        keep_b: dict[int, list[list[Use]]] = keep_a if lay.same else {}
+
+        def contract(ga, gb):
+            cache: dict = {}                                                     # QR factors by input
+            for pid in ga:
+                _token_terms(ga[pid], gb[pid], lay, cache, (M, sq_a, sq_b))
 
         def add(pairs_a, pairs_b):
-            ga, gb = _group_all(pairs_a), _group_all(pairs_b)
+            ga = _group_all(pairs_a)
+            gb = ga if lay.same else _group_all(pairs_b)
             for pid in list(ga):
                 if pid in deferred:
                     keep_a.setdefault(pid, []).extend(ga.pop(pid))
-                    keep_b.setdefault(pid, []).extend(gb.pop(pid))
-            if ga:
-                M.add_(gram_from_uses(ga, gb, La, Lb))
-                sq_a.add_(gram_from_uses(ga, ga, La, La, diag=True))
-                sq_b.add_(gram_from_uses(gb, gb, Lb, Lb, diag=True))
+                    if not lay.same:
+                        keep_b.setdefault(pid, []).extend(gb.pop(pid))
+            contract(ga, gb)
 
         add(a.head_uses(), b.head_uses())
-        for pairs_a, pairs_b in zip(a.segment_uses(), b.segment_uses()):
+        for pairs_a, pairs_b in zip(a.segment_uses(), b.segment_uses() if b is not a else itertools.repeat(None)):
             add(pairs_a, pairs_b)
         if keep_a:
-            M.add_(gram_from_uses(keep_a, keep_b, La, Lb))
-            sq_a.add_(gram_from_uses(keep_a, keep_a, La, La, diag=True))
-            sq_b.add_(gram_from_uses(keep_b, keep_b, Lb, Lb, diag=True))
-    return M, sq_a, sq_b
+            contract(keep_a, keep_b)
+    return M.to(dt), sq_a.to(dt), (sq_a if lay.same else sq_b).to(dt)
+
 
 
 # ------------------------------------------------------------------ pair entries (in-run diagnostics)
