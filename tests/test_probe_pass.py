@@ -117,6 +117,26 @@ def test_pass_equals_the_oracles(case, pairs):
     assert probe_pass(model, pairs, params).upd is None
 
 
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_pairs_split_across_passes(per_pass, pairs):
+    """``pairs_per_pass`` (memory) changes no value: 3 pairs in passes of 1 or 2 (an uneven split,
+    chunks of different response lengths) give the one-pass results, ``upd`` chosen then rejected."""
+    model = tiny_model("llama", seed=3, dtype=torch.float64)
+    params = resolve_params(model, "all")
+    delta = random_delta(params, seed=1)
+    one = probe_pass(model, pairs, params, delta=delta, pairs_per_pass=None)
+    split = probe_pass(model, pairs, params, delta=delta, pairs_per_pass=per_pass)
+    for side in ("chosen", "rejected"):
+        a, b = getattr(split.logps, side), getattr(one.logps, side)
+        assert a.token_logps.shape == b.token_logps.shape and torch.equal(a.mask, b.mask)
+        assert torch.equal(a.lengths, b.lengths)
+        assert_rel(a.token_logps, b.token_logps)
+    for k in ("ip_wl", "sq_w", "sq_l", "cos_wl", "upd"):
+        assert_rel(getattr(split, k), getattr(one, k))
+    with pytest.raises(ValueError, match="pairs_per_pass"):
+        probe_pass(model, pairs, params, pairs_per_pass=0)
+
+
 def test_pair_inner_products_ghost_is_the_pass(pairs):
     """`grads.pair_inner_products` with the ghost engine forms the 3B entries of the pass; the
     autograd engine reads them off the (2B)² Gram."""
@@ -228,3 +248,40 @@ def test_trainer_records_equal_the_oracle_engines(tmp_path):
                 scale = np.abs(y[ok]).max()
                 assert np.abs(x[ok] - y[ok]).max() <= TOL * max(scale, 1e-300), (table, col)
             assert np.array_equal(x[np.isinf(y)], y[np.isinf(y)]), (table, col)
+
+
+@pytest.mark.slow
+def test_smollm2(smollm2):
+    """The real model (tied embedding / lm_head, 30 layers): in float64 the pass equals the ghost
+    sentence Gram's entries and the jvp to 1e-10; in float32 (as recorded) it is within float32
+    rounding of them. Float32 tolerance: ε = 1.2e-7 accumulated over the 30 layers' forward and
+    backward (≲ 10³ roundings) gives ≲ 1e-4 relative for the entries (measured 1.6e-5). ``upd`` is
+    a sum over 273 uses u of terms of both signs, each within that relative rounding of its own
+    |⟨g_u, Δ_u⟩| ≤ ‖g_u‖‖Δ_u‖, and Σ_u ‖g_u‖‖Δ_u‖ ≤ ‖g_i‖‖Δθ‖ (Cauchy–Schwarz): its bound is 1e-4 of
+    ‖g_i‖‖Δθ‖, not of |upd| itself, which a random Δθ makes small (here the float32 jvp is 1e-5 of
+    |upd| off, the pass 3e-4)."""
+    from dynamics.core.grads import sentence_gram
+    from dynamics.inputs.data import builtin_sentiment_pairs
+    from dynamics.inputs.models import load_model
+
+    model32, tok = smollm2
+    model64, _ = load_model("smollm2-135m", dtype=torch.float64)
+    pairs = tokenize_pairs(tok, builtin_sentiment_pairs("long_suffix", n=2))
+    seqs, B = pairs.chosen + pairs.rejected, len(pairs)
+    params64 = resolve_params(model64, "all")
+    delta64 = random_delta(params64, seed=5)
+    G = sentence_gram(model64, seqs, pairs.pad_id, impl="ghost")                  # (2B, 2B), exact in float64
+    jvp = conditions.update_prediction(model64, seqs, pairs.pad_id, delta64, params64)
+    norm_delta = torch.sqrt(sum(d.pow(2).sum() for d in delta64.values()))
+    cs = G.diagonal().sqrt() * norm_delta                                         # ‖g_i‖ ‖Δθ‖ ≥ |upd_i|
+    i = torch.arange(B)
+    for model, tol in ((model64, TOL), (model32, 1e-4)):
+        params = resolve_params(model, "all")
+        out = probe_pass(model, pairs, params, delta={n: d.to(params[n].dtype) for n, d in delta64.items()})
+        assert_rel(out.ip_wl, G[i, B + i], tol)
+        assert_rel(out.sq_w, G[i, i], tol)
+        assert_rel(out.sq_l, G[B + i, B + i], tol)
+        if model is model64:
+            assert_rel(out.upd, jvp, tol)
+        else:
+            assert ((out.upd - jvp).abs() <= tol * cs).all(), ((out.upd - jvp).abs() / cs).max()

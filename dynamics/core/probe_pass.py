@@ -184,11 +184,28 @@ def _recording(body: nn.Module, params: dict[str, nn.Parameter], zeta: Tensor,
             h.remove()
 
 
+PAIRS_PER_PASS = 4
+"""Probe pairs per forward/backward of `probe_pass` (8 sequences): every quantity is per pair or
+per sequence, so the split bounds memory and changes no value beyond float rounding of the batch
+shape. A pass holds about 1.8× the activations of a training step on as many sequences (the
+recorded inputs, the hooked outputs, the head's e_y − π): measured on SmolLM2 float32 at 16 pairs
+of 56 tokens, a recorded step peaked 5.0 GB (≈ 2.7 MB per token), so 16 TL;DR-length pairs
+(32 × 387 tokens) in one pass would need ≈ 34 GB."""
+
+
+def _cat(parts: list[SequenceLogProbs]) -> SequenceLogProbs:
+    """The sequences of ``parts`` in order, token columns padded to the longest (zero, False)."""
+    L = max(p.token_logps.shape[1] for p in parts)
+    pad = lambda x: F.pad(x, (0, L - x.shape[1]))                               # noqa: E731
+    return SequenceLogProbs(torch.cat([pad(p.token_logps) for p in parts]), torch.cat([pad(p.mask) for p in parts]),
+                            torch.cat([p.lengths for p in parts]))
+
+
 def probe_pass(model, pairs: TokenizedPairs, params="all", *,
-               delta: Mapping[str, Tensor] | None = None) -> ProbePass:
+               delta: Mapping[str, Tensor] | None = None, pairs_per_pass: int | None = PAIRS_PER_PASS) -> ProbePass:
     """Log-probs, per-pair gradient inner products and (with ``delta``) ``⟨g_i, Δθ⟩`` of ``pairs``
-    at the model's current parameters, from one forward and one activation backward (module
-    docstring; docs/math.md §4.2).
+    at the model's current parameters, from one forward and one activation backward per
+    ``pairs_per_pass`` pairs (None: all at once) (module docstring; docs/math.md §4.2).
 
     ``params``: θ, a `dynamics.core.grads.select_params` spec or dict (resolved here; tied weights
     once). ``delta``: canonical name -> Δθ for every parameter of θ (e.g.
@@ -199,6 +216,19 @@ def probe_pass(model, pairs: TokenizedPairs, params="all", *,
     with several tensor inputs owning a selected parameter) and ValueError for a selected
     parameter no module call uses or a ``delta`` without an entry of θ.
     """
+    if pairs_per_pass is not None and (isinstance(pairs_per_pass, bool) or not isinstance(pairs_per_pass, int)
+                                       or pairs_per_pass < 1):
+        raise ValueError(f"pairs_per_pass must be an integer >= 1 or None, got {pairs_per_pass!r}")
+    B = len(pairs)
+    if pairs_per_pass is not None and B > pairs_per_pass:
+        params = resolve_params(model, params)
+        parts = [probe_pass(model, pairs.subset(range(lo, min(lo + pairs_per_pass, B))), params, delta=delta,
+                            pairs_per_pass=None) for lo in range(0, B, pairs_per_pass)]
+        cat = lambda name: torch.cat([getattr(q, name) for q in parts])          # noqa: E731
+        upd = None if delta is None else torch.cat([q.upd[:len(q.ip_wl)] for q in parts]
+                                                   + [q.upd[len(q.ip_wl):] for q in parts])   # chosen, then rejected
+        return ProbePass(PairLogProbs(_cat([q.logps.chosen for q in parts]), _cat([q.logps.rejected for q in parts])),
+                         cat("ip_wl"), cat("sq_w"), cat("sq_l"), cat("cos_wl"), upd)
     params = resolve_params(model, params)
     if not params:
         raise ValueError("no parameters selected")
