@@ -94,7 +94,8 @@ def test_summarize_divides_by_the_plain_median_of_the_same_run():
     assert res.targets.met.tolist() == [False, True]                             # 1.5 > 1.25; 2.0 <= 2
     lines = target_lines(res)
     assert lines[0].endswith("B=2: 1.500x wall (1.500x CPU): NOT met")
-    assert lines[1].endswith("B=4: 2.000x wall (2.000x CPU): met")
+    assert lines[1].endswith("B=4: 2.000x wall (2.000x CPU): met; the recording itself adds 1.000x wall "
+                             "(1.000x CPU) for 16 probe pairs on a 4-pair step")
 
 
 def test_shapes_and_variants():

@@ -63,6 +63,24 @@ def test_nan_loss_raises_and_keeps_records(tmp_path):
     assert failed >= 1 and sorted(rec.step.unique()) == list(range(failed)) and len(rec) == 4 * failed
 
 
+def test_probe_error_after_the_update_names_the_step(tmp_path, monkeypatch):
+    """The probe pass runs in `Recorder.after_update` (after ``opt.step()``): its errors carry the
+    same "step s: probe pairs:" prefix as those of `before_update`, and the rows of earlier steps
+    stay on disk."""
+    from dynamics.runs.recorder import Recorder
+    orig = Recorder.after_update
+
+    def failing(self, **kw):
+        if self._pending["step"] == 2:
+            raise ValueError("bad probe input")
+        return orig(self, **kw)
+    monkeypatch.setattr(Recorder, "after_update", failing)
+    cfg = tiny_cfg(tmp_path, eval_every=1)
+    with pytest.raises(ValueError, match=r"^step 2: probe pairs: bad probe input$"):
+        train(cfg)
+    assert sorted(read_table(cfg.out, "records").step.unique()) == [0, 1]
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(loss="dpoo"), "unknown loss 'dpoo'; known: cpo, dpo"),
     (dict(optimizer="lion"), "unknown optimizer"),

@@ -552,7 +552,10 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
             opt.step()
             if record:
                 t = time.perf_counter()
-                rec.after_update(optimizer=opt)
+                try:  # the probe pass runs here (θ_s put back), so bad probe input surfaces here
+                    rec.after_update(optimizer=opt)
+                except ValueError as e:
+                    raise ValueError(f"step {step}: probe pairs: {e}") from e
                 t_rec += time.perf_counter() - t
             if inrun is not None:
                 inrun.end_step()
