@@ -27,18 +27,13 @@ from dynamics.inputs.models import tiny_model, tiny_tokenizer
 from dynamics.runs.recorder import Recorder, RecorderConfig
 from dynamics.runs.rundir import RunDir, read_table
 from dynamics.runs.train import TrainConfig, split_config_pairs, train, train_command
+from toys import uneven_pairs
 
 pytestmark = pytest.mark.usefixtures("float64_exact", "one_thread")
 
 TOL = 1e-10
 EPS = torch.finfo(torch.float64).eps
-PAIRS = [SimpleNamespace(id=f"p{i}", prompt=p, chosen=c, rejected=r) for i, (p, c, r) in enumerate([
-    ("The movie was", " wonderful and I loved every minute.", " bad"),
-    ("I hate", " waiting", " waiting in long lines at the bank on mondays"),
-    ("TL;DR: my friend ignores me", " and I feel bad about it", " so what"),
-    ("The capital of France", " is Paris.", " is cold and rainy"),
-    ("We went to the beach", " and had a great time swimming", " the battery dies"),
-])]
+PAIRS = uneven_pairs(5)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ sequences — to 1e-10 (float64; fixture `float64_exact`), on the three tiny lay
 of unequal lengths, both contraction forms, tied weights, LoRA, gradient accumulation and
 inactive hinges; the training itself unchanged; mixed precision to its rounding; refusals."""
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,16 +19,13 @@ from dynamics.inputs.models import TINY_ARCHS, tiny_model, tiny_tokenizer
 from dynamics.runs.recorder import TRAIN_RECORD_COLUMNS
 from dynamics.runs.rundir import read_table
 from dynamics.runs.train import TrainConfig, split_config_pairs, train, train_command
+from toys import uneven_pairs
 
 pytestmark = pytest.mark.usefixtures("float64_exact", "one_thread")
 
 TOL = 1e-10
 # unequal prompt and response lengths: right padding inside every batch
-PAIRS = [SimpleNamespace(id=str(i), prompt=p, chosen=c, rejected=r) for i, (p, c, r) in enumerate([
-    ("The movie was", " wonderful and I loved every minute.", " bad"),
-    ("I hate", " waiting", " waiting in long lines at the bank on mondays"),
-    ("TL;DR: my friend ignores me", " and I feel bad about it", " so what"),
-])]
+PAIRS = uneven_pairs(3, id_prefix="")
 
 
 @pytest.fixture(scope="module")

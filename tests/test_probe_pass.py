@@ -13,7 +13,6 @@ largest term, and the sums here cancel by less than a factor 10 (checked: the sc
 largest |value|); TOL = 1e-10 relative to that scale leaves a margin of ×5 or more.
 """
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -29,16 +28,13 @@ from dynamics.inputs.models import tiny_model, tiny_tokenizer
 from dynamics.runs.recorder import Recorder, RecorderConfig
 from dynamics.runs.rundir import RunDir, read_table
 from dynamics.runs.train import TrainConfig, train
+from toys import uneven_pairs
 
 pytestmark = pytest.mark.usefixtures("float64_exact", "one_thread")
 
 TOL = 1e-10
 # unequal prompt and response lengths: right padding inside the batch; pair 2 is a prefix case
-PAIRS = [SimpleNamespace(id=f"p{i}", prompt=p, chosen=c, rejected=r) for i, (p, c, r) in enumerate([
-    ("The movie was", " wonderful and I loved every minute.", " bad"),
-    ("I hate", " waiting", " waiting in long lines at the bank on mondays"),
-    ("TL;DR: my friend ignores me", " and I feel bad about it", " so what"),
-])]
+PAIRS = uneven_pairs(3)
 
 
 @pytest.fixture(scope="module")

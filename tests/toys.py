@@ -28,3 +28,20 @@ class CharTok:
 
     def decode(self, ids):
         return "".join(self.vocab[i] for i in ids)
+
+
+UNEVEN_TEXTS = [
+    ("The movie was", " wonderful and I loved every minute.", " bad"),
+    ("I hate", " waiting", " waiting in long lines at the bank on mondays"),
+    ("TL;DR: my friend ignores me", " and I feel bad about it", " so what"),
+    ("The capital of France", " is Paris.", " is cold and rainy"),
+    ("We went to the beach", " and had a great time swimming", " the battery dies"),
+]
+"""Prompts and responses of unequal lengths (right padding inside a batch); pair 2's rejected is
+shorter than its chosen, pair 1's chosen is a prefix of its rejected."""
+
+
+def uneven_pairs(n: int = 3, id_prefix: str = "p") -> list[SimpleNamespace]:
+    """The first ``n`` of `UNEVEN_TEXTS` as preference pairs with ids ``{id_prefix}{i}``."""
+    return [SimpleNamespace(id=f"{id_prefix}{i}", prompt=p, chosen=c, rejected=r)
+            for i, (p, c, r) in enumerate(UNEVEN_TEXTS[:n])]

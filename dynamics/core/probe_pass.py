@@ -219,9 +219,11 @@ def probe_pass(model, pairs: TokenizedPairs, params="all", *,
     if pairs_per_pass is not None and (isinstance(pairs_per_pass, bool) or not isinstance(pairs_per_pass, int)
                                        or pairs_per_pass < 1):
         raise ValueError(f"pairs_per_pass must be an integer >= 1 or None, got {pairs_per_pass!r}")
+    params = resolve_params(model, params)
+    if not params:
+        raise ValueError("no parameters selected")
     B = len(pairs)
     if pairs_per_pass is not None and B > pairs_per_pass:
-        params = resolve_params(model, params)
         parts = [probe_pass(model, pairs.subset(range(lo, min(lo + pairs_per_pass, B))), params, delta=delta,
                             pairs_per_pass=None) for lo in range(0, B, pairs_per_pass)]
         cat = lambda name: torch.cat([getattr(q, name) for q in parts])          # noqa: E731
@@ -229,9 +231,6 @@ def probe_pass(model, pairs: TokenizedPairs, params="all", *,
                                                    + [q.upd[len(q.ip_wl):] for q in parts])   # chosen, then rejected
         return ProbePass(PairLogProbs(_cat([q.logps.chosen for q in parts]), _cat([q.logps.rejected for q in parts])),
                          cat("ip_wl"), cat("sq_w"), cat("sq_l"), cat("cos_wl"), upd)
-    params = resolve_params(model, params)
-    if not params:
-        raise ValueError("no parameters selected")
     split = body_and_head(model)
     if split is None:
         raise NotImplementedError("the probe pass needs a transformers causal LM with a linear lm_head and no logit "

@@ -544,18 +544,14 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
             record, t_rec = cfg.recorder.due(step), 0.0
             if record:
                 t = time.perf_counter()
-                try:
+                with _probe_errors(step):
                     rec.before_update(step, train_batch=cross)
-                except ValueError as e:
-                    raise ValueError(f"step {step}: probe pairs: {e}") from e
                 t_rec += time.perf_counter() - t
             opt.step()
             if record:
                 t = time.perf_counter()
-                try:  # the probe pass runs here (θ_s put back), so bad probe input surfaces here
+                with _probe_errors(step):  # the probe pass runs here (θ_s put back)
                     rec.after_update(optimizer=opt)
-                except ValueError as e:
-                    raise ValueError(f"step {step}: probe pairs: {e}") from e
                 t_rec += time.perf_counter() - t
             if inrun is not None:
                 inrun.end_step()
@@ -573,6 +569,15 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
     rec.final(cfg.steps)
     model.eval()
     return run
+
+
+@contextlib.contextmanager
+def _probe_errors(step: int):
+    """Bad probe input (a ValueError of the recorder) names the step and the probe pairs."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"step {step}: probe pairs: {e}") from e
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
