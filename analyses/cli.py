@@ -308,7 +308,8 @@ def cmd_bench(args) -> int:
 def cmd_bench_instrument(args) -> int:
     from dynamics.tools import bench_instrument as bi
 
-    variants = bi.check_variants(list(args.variants) + (list(bi.TRL_VARIANTS) if args.trl else []))
+    given = bi.LOOP_VARIANTS if args.variants is None else args.variants
+    variants = bi.check_variants(list(given) + (list(bi.TRL_VARIANTS) if args.trl else []))
     shapes = [bi.parse_shape(s) for s in args.shapes]
     if args.out and Path(args.out).suffix not in (".csv", ".parquet"):
         raise InputError(f"--out {args.out!r}: write a .csv or .parquet file (a .md table is written beside it)")
@@ -667,10 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="CSV of every measurement")
     p.set_defaults(func=cmd_bench)
     for name, variants, help_ in (
-            ("instrument", ["plain", "in_run", "in_run_update", "probe"],
-             "per optimizer step: plain vs in-run vs in-run + update effect vs probe-recorded (+ --trl: TRL's "
-             "DPOTrainer without and with the callback in in-run mode); ratios to the plain step of the same run"),
-            ("inrun", ["plain", "in_run"], "`bench instrument --variants plain in_run`")):
+            ("instrument", None,
+             "per optimizer step: plain vs in-run (hooks, or book-keeping) vs in-run + update effect vs "
+             "probe-recorded (+ --trl: TRL's DPOTrainer without and with the callback in in-run mode); ratios to the "
+             "plain step of the same run"),
+            ("inrun", ["plain", "in_run", "in_run_bookkeeping"],
+             "`bench instrument --variants plain in_run in_run_bookkeeping`")):
         p = bench_sub.add_parser(name, help=help_)
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--shapes", nargs="+", default=["tweets", "tldr"],
@@ -678,8 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "token counts, e.g. 8:3:4 (synthetic token ids)")
         p.add_argument("--batch-sizes", type=pos_int, nargs="+", default=[4, 16], help="pairs per optimizer step")
         p.add_argument("--variants", nargs="+", default=variants,
-                       help="plain, in_run, in_run_update, probe, trl_plain, trl_in_run (ratios are to plain / "
-                            "trl_plain, which must be among them)")
+                       help="plain, in_run, in_run_bookkeeping, in_run_update, probe, trl_plain, trl_in_run "
+                            "(default: all but the TRL ones; ratios are to plain / trl_plain, which must be among them)")
         p.add_argument("--trl", action="store_true", help="add trl_plain and trl_in_run: TRL's DPOTrainer step "
                        "(LoRA, frozen head) without and with DynamicsCallback(RecorderConfig(in_run=True))")
         p.add_argument("--steps", type=pos_int, default=5, help="timed steps of each variant (after one warm-up)")

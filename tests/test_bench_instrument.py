@@ -53,11 +53,11 @@ def test_instrument_table_and_files(tmp_path, capsys):
     assert "token_pairs=0" in md and "whatif=True" in md                       # the probe recorder's configuration
 
 
-def test_inrun_alias_runs_plain_and_in_run_only(tmp_path, capsys):
+def test_inrun_alias_runs_plain_and_the_in_run_variants_only(tmp_path, capsys):
     out = tmp_path / "inrun.parquet"
     assert main(["bench", "inrun", *TINY, "--steps", "1", "--out", str(out)]) == 0
     summary = pd.read_parquet(out)
-    assert summary.variant.tolist() == ["plain", "in_run"]
+    assert summary.variant.tolist() == ["plain", "in_run", "in_run_bookkeeping"]
     _check_ratios(summary, pd.read_parquet(tmp_path / "inrun_steps.parquet"), "plain")
     ratio = float(capsys.readouterr().out.split("target in_run <= 1.25x plain: 8:3:4 B=2: ")[1].split("x wall")[0])
     assert ratio == pytest.approx(summary.x_plain_wall.iloc[1], abs=1e-3)

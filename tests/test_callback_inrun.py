@@ -85,7 +85,8 @@ class Snapshots(TrainerCallback):
         self._take(model)
 
 
-def make_trainer(path, *, ga=1, peft=True, in_run=True, update=False, attach=True, loss_params=None, **config):
+def make_trainer(path, *, ga=1, peft=True, in_run=True, update=False, attach=True, loss_params=None, bookkeeping=False,
+                 **config):
     tok, model = tiny_tokenizer(), tiny_model("llama", seed=0, dtype=torch.float64)
     ds = Dataset.from_dict({k: [getattr(p, k) for p in PAIRS] for k in ("prompt", "chosen", "rejected")})
     args = DPOConfig(output_dir=str(path / "trl"), per_device_train_batch_size=2, gradient_accumulation_steps=ga,
@@ -99,7 +100,8 @@ def make_trainer(path, *, ga=1, peft=True, in_run=True, update=False, attach=Tru
                         peft_config=LoraConfig(**LORA) if peft else None,
                         ref_model=None if peft else copy.deepcopy(model))
     cb = DynamicsCallback(PROBE, path / "dyn", RecorderConfig(eval_every=1000, in_run=in_run, in_run_update=update,
-                                                              whatif=False, token_pairs=0),
+                                                              in_run_bookkeeping=bookkeeping, whatif=False,
+                                                              token_pairs=0),
                           loss="dpo", loss_params=loss_params or {"beta": BETA})
     if attach:
         cb.attach(tr)
@@ -157,12 +159,15 @@ def trl_scales(tr, rows, ga):
 
 # ------------------------------------------------------------------ the rows against independent computations
 
-@pytest.mark.parametrize("ga", [1, 2])
-def test_rows_match_autograd_and_trl_loss(tmp_path, ga):
+@pytest.mark.parametrize("ga,bookkeeping", [(1, False), (2, False), (2, True)])
+def test_rows_match_autograd_and_trl_loss(tmp_path, ga, bookkeeping):
     """GA=1: TRL precomputes the reference log-probs; GA=2: the reference forward (PEFT's disabled
-    adapter) inside each micro-batch is read, and ``in_run_update`` adds upd_dw, upd_dl."""
-    tr, cb, snaps, tok = make_trainer(tmp_path, ga=ga, update=ga == 2, precompute_ref_log_probs=ga == 1)
+    adapter) inside each micro-batch is read, and ``in_run_update`` adds upd_dw, upd_dl; also with
+    book-keeping (the adapters' gradients formed per sequence, the trained ``.grad`` their sum)."""
+    tr, cb, snaps, tok = make_trainer(tmp_path, ga=ga, update=ga == 2, precompute_ref_log_probs=ga == 1,
+                                      bookkeeping=bookkeeping)
     train(tr)
+    assert bool(cb.inrun.capture.bookkept) == bookkeeping          # every lora_A / lora_B when on
     df = read_table(tmp_path / "dyn", "train_records")
     assert list(df.columns) == TRAIN_RECORD_COLUMNS + (["upd_dw", "upd_dl"] if ga == 2 else [])
     B = 2

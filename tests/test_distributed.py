@@ -39,8 +39,9 @@ CASES = {
     # 4 probes split 2 + 2, token Grams of the first 3 (2 on rank 0, 1 on rank 1), in-run update
     # effects, and the per-training-pair split of `cross` (its training pairs gathered from both ranks)
     "plain": dict(optimizer="sgd", token_pairs=3, in_run_update=True, cross=True),
-    # 2 micro-batches of 2 pairs: each rank 1 pair of each; 3 probes split 2 + 1; learning-dynamics probes
-    "grad_accum": dict(optimizer="adamw", grad_accum=2, n_probe=3, probes=True),
+    # 2 micro-batches of 2 pairs: each rank 1 pair of each; 3 probes split 2 + 1; learning-dynamics probes;
+    # in-run rows by book-keeping (per-sequence gradients summed into the .grad DDP all-reduces)
+    "grad_accum": dict(optimizer="adamw", grad_accum=2, n_probe=3, probes=True, in_run_bookkeeping=True),
     "lora": dict(optimizer="adamw", lora_r=2),
 }
 TIMING = {"elapsed_s", "step_s", "record_s"}

@@ -53,7 +53,9 @@ CASES = {
     # with their update effects (the tied embedding/head's uses of each rank's rows)
     "llama": dict(model="tiny-llama", optimizer="sgd", token_pairs=3, in_run=True, in_run_update=True),
     # untied head, AdamW, 2 micro-batches, 3 probes split 2 + 1, learning-dynamics probes; in-run rows
-    "neox": dict(model="tiny-neox", optimizer="adamw", grad_accum=2, n_probe=3, probes=True, in_run=True),
+    # by book-keeping (the linear layers' per-sequence gradients summed into FSDP's unsharded .grad)
+    "neox": dict(model="tiny-neox", optimizer="adamw", grad_accum=2, n_probe=3, probes=True, in_run=True,
+                 in_run_bookkeeping=True),
     # LoRA (frozen weights and trainable adapters in one unit), AdamW, in-run rows with update effects
     "lora": dict(model="tiny-llama", optimizer="adamw", lora_r=2, in_run=True, in_run_update=True),
 }

@@ -52,11 +52,11 @@ def assert_rel(a, b, tol=TOL):
 
 
 def step_products(model, tp, *, params="trainable", loss="dpo", loss_params=None, batch=None, contraction="auto",
-                  refs=None):
+                  refs=None, bookkeeping=False):
     """One training forward/backward of ``tp`` (train mode) under a capture: (PairProducts, LossOutput)."""
     B = len(tp)
     model.train()
-    cap = InRunCapture(model, params, contraction=contraction)
+    cap = InRunCapture(model, params, contraction=contraction, bookkeeping=bookkeeping)
     with cap.capture():
         out = pair_logprobs(model, tp)
         lw, ll = out.chosen.logp, out.rejected.logp
@@ -73,13 +73,14 @@ def step_products(model, tp, *, params="trainable", loss="dpo", loss_params=None
 
 # ------------------------------------------------------------------ the identity, against the oracle
 
-@pytest.mark.parametrize("contraction", CONTRACTIONS)
+@pytest.mark.parametrize("contraction", [*CONTRACTIONS, "bookkeeping"])
 @pytest.mark.parametrize("n_pairs", [1, 3])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_pair_products_match_autograd(arch, n_pairs, contraction, pairs):
     model = tiny_model(arch, seed=0, dtype=torch.float64)
     tp = pairs.subset(range(n_pairs))
-    prod, lo = step_products(model, tp, contraction=contraction, loss_params={"beta": 1.0})
+    mode = dict(bookkeeping=True, contraction="materialize") if contraction == "bookkeeping" else dict(contraction=contraction)
+    prod, lo = step_products(model, tp, loss_params={"beta": 1.0}, **mode)
     ip, sq_w, sq_l = oracle(model, tp)
     assert_rel(prod.ip_wl, ip)
     assert_rel(prod.sq_w, sq_w)
@@ -103,6 +104,74 @@ def test_tied_embedding_uses_both(pairs):
     assert_rel(prod.sq_l, sq_l)
 
 
+def linear_names(model) -> list[str]:
+    """The plain ``nn.Linear`` modules of ``model`` (qualified names), its output layer excluded."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    return [n for n, m in base.named_modules() if type(m) is torch.nn.Linear and m is not head]
+
+
+def grads_of(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def batch_backward(model, tp, capture=None):
+    """The DPO loss of ``tp`` (β = 1, zero references) backpropagated, under ``capture`` if given."""
+    model.train()
+    with capture.capture() if capture is not None else torch.enable_grad():
+        out = pair_logprobs(model, tp)
+        lw, ll = out.chosen.logp, out.rejected.logp                             # (a property: a new tensor per read)
+        if capture is not None:
+            capture.watch(lw, ll)
+        zero = torch.zeros(len(tp), dtype=lw.dtype)
+        (compute_loss("dpo", lw, ll, zero, zero, beta=1.0).loss.sum() / len(tp)).backward()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_bookkeeping_trains_on_the_summed_per_sequence_gradients(arch, pairs):
+    """Book-keeping: every plain linear layer but the head is run by `_PerSequenceLinear`, and the
+    weight gradient it returns, Σ_i G_i, is the batch gradient of a backward without in_run up to
+    the reordering of float64 sums (bound: 64 ulps of the largest entry; a dropped or doubled
+    sequence is off by O(1)). The forward is untouched, and the layers are restored afterwards."""
+    model = tiny_model(arch, seed=0, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    batch_backward(plain, pairs)
+    cap = InRunCapture(model, bookkeeping=True, contraction="materialize")
+    batch_backward(model, pairs, cap)
+    assert cap.bookkept == linear_names(model) and len(cap.bookkept) >= 8        # 2 blocks × 4 or more
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    g, ref = grads_of(model), grads_of(plain)
+    assert g.keys() == ref.keys()
+    for n in ref:
+        tol = 64 * torch.finfo(torch.float64).eps * ref[n].abs().max()
+        assert (g[n] - ref[n]).abs().max() <= tol, n
+    ip, sq_w, sq_l = oracle(model, pairs)
+    prod = cap.result()
+    assert_rel(prod.ip_wl, ip)
+    assert_rel(prod.sq_w, sq_w)
+    assert_rel(prod.sq_l, sq_l)
+
+
+def test_bookkeeping_only_where_the_per_sequence_form_is_cheaper(tok):
+    """With contraction "auto" a layer is book-kept where the cost model materializes its entries:
+    tiny Llama's layers (32 × 32 … 64 × 32) cross over at T ≈ 11–15, so 5-token sequences keep the
+    ghost form beside autograd's product and 48-token ones book-keep every layer; exact either way."""
+    from dynamics.tools.bench_instrument import synthetic_pairs
+
+    model = tiny_model("llama", seed=0, dtype=torch.float64)
+    for (prompt, n), want in (((3, 2), []), ((40, 8), linear_names(model))):
+        tp = synthetic_pairs(tok, 2, prompt_len=prompt, len_w=n, len_l=n)
+        cap = InRunCapture(model, bookkeeping=True)
+        batch_backward(model, tp, cap)
+        assert cap.bookkept == want
+        prod, (ip, sq_w, sq_l) = cap.result(), oracle(model, tp)
+        assert_rel(prod.ip_wl, ip)
+        assert_rel(prod.sq_w, sq_w)
+    with pytest.raises(ValueError, match="contraction='ghost'"):
+        InRunCapture(model, bookkeeping=True, contraction="ghost")
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lora_adapters(arch, pairs):
     from peft import LoraConfig, get_peft_model
@@ -111,11 +180,16 @@ def test_lora_adapters(arch, pairs):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False,
                      fan_in_fan_out=arch == "gpt2")
     model = get_peft_model(base, cfg)
-    prod, _ = step_products(model, pairs)                                      # θ = the trainable adapters
     ip, sq_w, sq_l = oracle(model, pairs, "trainable")
-    assert_rel(prod.ip_wl, ip)
-    assert_rel(prod.sq_w, sq_w)
-    assert_rel(prod.sq_l, sq_l)
+    for bookkeeping in (False, True):                                          # book-keeping: the adapters' lora_A/B
+        prod, _ = step_products(model, pairs, bookkeeping=bookkeeping)          # θ = the trainable adapters
+        assert_rel(prod.ip_wl, ip)
+        assert_rel(prod.sq_w, sq_w)
+        assert_rel(prod.sq_l, sq_l)
+    cap = InRunCapture(model, bookkeeping=True, contraction="materialize")
+    batch_backward(model, pairs, cap)
+    adapters = [n for n in linear_names(model) if ".lora_" in n]
+    assert cap.bookkept == adapters and len(adapters) >= 8
     with pytest.raises(InputError, match="do not require grad"):
         InRunCapture(model, "all")                                               # frozen base weights
 
@@ -171,14 +245,39 @@ def test_predict_with_missing_is_predict_when_complete():
 def test_mixed_precision_to_its_rounding(arch, pairs):
     """bf16 autocast (TRL's bf16=True) and bf16 weights: the factors are the half-precision
     backward's, the contraction float32; within bf16 rounding of the float64 oracle."""
-    for mode in ("autocast", "bf16"):
-        model = tiny_model(arch, seed=0, dtype=torch.float32 if mode == "autocast" else torch.bfloat16)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")
+    for mode in ("autocast", "bf16", "autocast bookkeeping"):
+        model = tiny_model(arch, seed=0, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "bf16")
         with ctx:
-            prod, _ = step_products(model, pairs, refs=(torch.zeros(3), torch.zeros(3)))
+            book = mode.endswith("bookkeeping")
+            prod, _ = step_products(model, pairs, refs=(torch.zeros(3), torch.zeros(3)), bookkeeping=book,
+                                    contraction="materialize" if book else "auto")
         ip, sq_w, sq_l = oracle(copy.deepcopy(model).double(), pairs)
         for a, b in ((prod.ip_wl, ip), (prod.sq_w, sq_w), (prod.sq_l, sq_l)):
             assert_rel(a, b, 2e-2)
+
+
+def test_bookkeeping_under_autocast_trains_as_autocast(pairs):
+    """Under bf16 autocast a book-kept layer casts as autocast does: float32 weight gradients
+    within bf16 rounding (2⁻⁸, a few roundings) of autocast's own backward, not float32 ones."""
+    model = tiny_model("llama", seed=0, dtype=torch.float32)
+    plain = copy.deepcopy(model)
+    cap = InRunCapture(model, bookkeeping=True, contraction="materialize")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch_backward(plain, pairs)
+        batch_backward(model, pairs, cap)
+    assert cap.bookkept == linear_names(model)
+    fp32 = copy.deepcopy(plain)
+    fp32.zero_grad()
+    batch_backward(fp32, pairs)
+    g, ref, exact = grads_of(model), grads_of(plain), grads_of(fp32)
+    worst = 0.0
+    for n in ref:
+        assert g[n].dtype == torch.float32, n
+        scale = ref[n].abs().max()
+        assert (g[n] - ref[n]).abs().max() <= 2e-2 * scale, n
+        worst = max(worst, float((ref[n] - exact[n]).abs().max() / scale))
+    assert worst > 1e-4        # autocast really ran in bf16 (else the comparison above proves nothing)
 
 
 # ------------------------------------------------------------------ refusals
@@ -202,6 +301,11 @@ def test_refuses_two_forwards_in_one_capture(pairs):
             (a.chosen.logp.sum() + b.rejected.logp.sum()).backward()
 
 
+def test_config_refuses_bookkeeping_without_in_run(tmp_path):
+    with pytest.raises(InputError, match="in_run_bookkeeping needs in_run"):
+        TrainConfig.from_flat(out=str(tmp_path / "r"), model="tiny-llama", in_run_bookkeeping=True)
+
+
 def test_config_refuses_frozen_selection_with_lora(tmp_path):
     with pytest.raises(InputError, match="adapters"):
         TrainConfig.from_flat(out=str(tmp_path / "r"), model="tiny-llama", lora_r=2, in_run=True, params="all")
@@ -215,17 +319,25 @@ def tiny_cfg(tmp_path, name, **kw):
     return TrainConfig.from_flat(**{**base, **kw})
 
 
-def test_trainer_records_every_step_exactly_and_trains_the_same(tmp_path, tok):
+@pytest.mark.parametrize("bookkeeping", [False, True])
+def test_trainer_records_every_step_exactly_and_trains_the_same(tmp_path, tok, bookkeeping):
     """grad_accum 2: two micro-batches of 2 per step, each with the step's scaling (÷4). Rows of
-    steps 0 and 1 match the oracle at θ_0 and θ_1; the parameters equal those of a run without in_run."""
+    steps 0 and 1 match the oracle at θ_0 and θ_1; the parameters equal those of a run without
+    in_run: bit for bit, or with book-keeping to the float64 rounding of reordered sums."""
     theta0 = tiny_model("llama", seed=0, dtype=torch.float64)
     on = copy.deepcopy(theta0)
-    cfg = tiny_cfg(tmp_path, "on", in_run=True, grad_accum=2)
+    cfg = tiny_cfg(tmp_path, "on", in_run=True, grad_accum=2, in_run_bookkeeping=bookkeeping)
     run = train(cfg, model=on, tokenizer=tok)
     off = copy.deepcopy(theta0)
     train(tiny_cfg(tmp_path, "off", grad_accum=2), model=off, tokenizer=tok)
+    same = []
     for (n, p), (_, q) in zip(on.named_parameters(), off.named_parameters()):
-        assert torch.equal(p, q), n                                            # training unchanged
+        if bookkeeping:
+            assert (p - q).abs().max() <= 1e-13 * q.abs().max(), n            # lr·(64 ulps of a gradient) ≪ 1e-13
+        else:
+            assert torch.equal(p, q), n                                        # training unchanged
+        same.append(torch.equal(p, q))
+    assert all(same) != bookkeeping       # book-keeping reached the trainer: its reordered sums show in the last bits
     theta1 = copy.deepcopy(theta0)
     train(tiny_cfg(tmp_path, "one", steps=1, grad_accum=2), model=theta1, tokenizer=tok)
 

@@ -281,3 +281,29 @@ def test_smollm2(smollm2):
             assert_rel(out.upd, jvp, tol)
         else:
             assert ((out.upd - jvp).abs() <= tol * cs).all(), ((out.upd - jvp).abs() / cs).max()
+
+
+@pytest.mark.parametrize("form", ["ghost", "materialized"])
+def test_upd_from_either_form_of_the_entries(form, pairs, monkeypatch):
+    """Where a use's entries are computed from its per-sequence gradients G_i, ``upd`` reads
+    ⟨G_i, ΔW⟩ from the same G_i; else Σ_τ b·(ΔW a). Both forms forced (the cost model picks per
+    use), against the oracle."""
+    from dynamics.core import ghost, probe_pass as pp
+
+    forced = {"ghost": (0.0, 1.0), "materialized": (1.0, 0.0)}[form]
+    real = pp.entry_costs
+    # where both forms exist (dense uses; an embedding is never materialized)
+    monkeypatch.setattr(pp, "entry_costs", lambda ulist, B: forced if float("inf") not in real(ulist, B)
+                        else real(ulist, B))
+    formed = []
+    monkeypatch.setattr(pp, "materialized", lambda u, n: formed.append(n) or ghost.materialized(u, n))
+    model = tiny_model("llama", seed=3, dtype=torch.float64)
+    params = resolve_params(model, "all")
+    delta = random_delta(params, seed=2)
+    out = probe_pass(model, pairs, params, delta=delta)
+    assert bool(formed) == (form == "materialized")
+    B = len(pairs)
+    G = flat_grads(model, pairs.chosen + pairs.rejected, pairs.pad_id, params)
+    assert_rel(out.upd, G @ torch.cat([delta[n].reshape(-1) for n in params]))
+    assert_rel(out.ip_wl, (G[:B] * G[B:]).sum(1))
+    assert_rel(out.sq_w, (G[:B] * G[:B]).sum(1))

@@ -126,6 +126,11 @@ def _materialize(u: Use, I: int) -> Tensor:
     return torch.einsum("itr,itc->irc", r, c).reshape(I, -1)
 
 
+def materialized(u: Use, n_items: int) -> Use:
+    """``u`` with its per-item gradients formed: ``Use(mat=(I, rows·cols))`` (a ``mat`` use as is)."""
+    return u if u.mat is not None else Use(mat=_materialize(u, n_items))
+
+
 def _cost_ghost(ua: Use, ub: Use, Ia: int, Ib: int) -> float:
     Ta, Tb = ua.rows.x.shape[1], ub.rows.x.shape[1]
     k = ua.rows.dim + ua.cols.dim
@@ -1008,6 +1013,22 @@ def _compute_dtype(uses: list[Use]) -> torch.dtype:
     return torch.float64 if torch.float64 in dts else torch.float32
 
 
+def entry_costs(ulist: list[Use], B: int) -> tuple[float, float]:
+    """``(ghost, materialized)``: multiply-adds of the three entries per pair of `pair_entries_from_uses`
+    over B pairs, for one parameter with the uses ``ulist`` (only their shapes are read: meta
+    tensors do); ``inf`` where a form does not exist (an embedding use is never materialized, a
+    ``mat`` use has no ghost form). docs/math.md §6.2."""
+    if any(u.mat is not None for u in ulist):
+        c_ghost = float("inf")
+    else:
+        c_ghost = 3 * B * sum(u.rows.x.shape[1] * v.rows.x.shape[1] * (u.rows.dim + u.cols.dim)
+                              for u in ulist for v in ulist)
+    if any(u.mat is None and (u.rows.onehot or u.cols.onehot) for u in ulist) and c_ghost != float("inf"):
+        return c_ghost, float("inf")
+    P = ulist[0].mat.shape[1] if ulist[0].mat is not None else ulist[0].rows.dim * ulist[0].cols.dim
+    return c_ghost, sum(0 if u.mat is not None else 2 * B * u.rows.x.shape[1] * P for u in ulist) + 3 * B * P
+
+
 def pair_entries_from_uses(uses: dict[int, list[Use]], w: Tensor, l: Tensor, *,
                            mode: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """``(⟨g_w[k], g_l[k]⟩, ‖g_w[k]‖², ‖g_l[k]‖²)`` for the item pairs ``(w[k], l[k])``: three (B,)
@@ -1033,26 +1054,20 @@ def pair_entries_from_uses(uses: dict[int, list[Use]], w: Tensor, l: Tensor, *,
     w, l = _as_slice(w), _as_slice(l)
     for pid, ulist in uses.items():
         dtype = _compute_dtype(ulist)
-        has_mat = any(u.mat is not None for u in ulist)
         onehot = any(u.mat is None and (u.rows.onehot or u.cols.onehot) for u in ulist)
-        c_ghost = float("inf") if has_mat else 3 * B * sum(
-            u.rows.x.shape[1] * v.rows.x.shape[1] * (u.rows.dim + u.cols.dim) for u in ulist for v in ulist)
-        if onehot and not has_mat:
-            c_mat = float("inf")
-        else:
-            size = lambda u: u.mat.shape[1] if u.mat is not None else u.rows.dim * u.cols.dim
-            P = size(ulist[0])
-            c_mat = sum(0 if u.mat is not None else 2 * B * u.rows.x.shape[1] * P for u in ulist) + 3 * B * P
+        c_ghost, c_mat = entry_costs(ulist, B)
         if mode != "auto" and c_mat != float("inf") and c_ghost != float("inf"):
             c_mat, c_ghost = (0.0, 1.0) if mode == "materialize" else (1.0, 0.0)
         if c_mat < c_ghost:
             if onehot:
                 raise NotImplementedError("a parameter with both an embedding use and a materialized use")
-            G = sum(_materialize(_restrict(u, items), 2 * B).to(dtype) for u in ulist)      # (2B, P)
-            Gw, Gl = G[:B], G[B:]
-            ip += (Gw * Gl).sum(1).double()
-            sq_w += (Gw * Gw).sum(1).double()
-            sq_l += (Gl * Gl).sum(1).double()
+            G = _materialize(_restrict(ulist[0], items), 2 * B).to(dtype)                # (2B, P)
+            for u in ulist[1:]:
+                G = G + _materialize(_restrict(u, items), 2 * B).to(dtype)
+            Gw, Gl = G[:B, None, :], G[B:, :, None]                                     # row-wise dots as bmm: no (B, P) temporaries
+            ip += torch.bmm(Gw, Gl).reshape(B).double()
+            sq_w += torch.bmm(Gw, Gw.transpose(1, 2)).reshape(B).double()
+            sq_l += torch.bmm(Gl.transpose(1, 2), Gl).reshape(B).double()
         else:
             for u in ulist:
                 for v in ulist:

@@ -32,6 +32,21 @@ full-sequence head, as in TRL: every prompt position) are dropped before contrac
 padding needs no masking: a padded position's output gradient is exactly zero, and its input is
 finite whenever the training's own weight gradient is.
 
+Book-keeping (``bookkeeping=True``, opt-in). At long sequences the per-example form dominates the
+extra cost: it forms each sequence's weight gradient G_i = Σ_τ b_iτ ⊗ a_iτ *beside* the batch
+gradient Σ_i G_i that autograd forms anyway, +1/3 of the linear layers' work (docs/math.md §6.4).
+With book-keeping every selected plain ``nn.Linear`` (not the output layer, not a weight shared
+with another module) whose entries the contraction materializes (by the cost model: the
+sequences are long; `InRunCapture._materialized`) runs as `_PerSequenceLinear`: the same
+forward; in the backward its weight gradient is formed per sequence *instead of* the batch
+gradient, the three entries per pair are read off those, and their sum Σ_i G_i is returned as
+the weight gradient; short sequences keep the ghost form (cheaper than writing N·d_in·d_out
+numbers). The extra work is then the dot products and the sum, O(N·d_in·d_out) against the
+O(N·T·d_in·d_out) of the layer. The price: Σ_i G_i adds the same products in another order than
+autograd's single matmul, so the training gradient equals the one without in_run to float
+rounding, not bit for bit (tested in float64 to 64 ulps). Under ``torch.autocast`` the layer
+casts its input and weight as autocast would, and sums the per-sequence gradients in float32.
+
 What the numbers are. θ = the selected parameters, which must all be trainable (the backward
 reaches nothing else). The forward runs as the trainer runs it: in train mode, so with dropout
 the inner products are those of the gradients with the dropout masks actually drawn (the tiny
@@ -65,10 +80,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynamics.core import conditions
-from dynamics.core.ghost import Use, call_uses, pair_entries_from_uses
+from dynamics.core.ghost import Factor, Use, call_uses, entry_costs, pair_entries_from_uses
 from dynamics.core.grads import resolve_params
 from dynamics.core.logprobs import unwrap
 from dynamics.errors import InputError
@@ -152,20 +168,56 @@ def _single_input(mod, args, kwargs) -> Tensor:
     return tensors[0]
 
 
+class _PerSequenceLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` (the forward of ``nn.Linear``, bit for bit) whose backward forms the weight
+    gradient per sequence (book-keeping, see the module docstring).
+
+    ``x`` (N, T, d_in), ``weight`` (d_out, d_in), ``bias`` (d_out,) or None; ``receive(G, gb)`` gets
+    the per-sequence gradients G (N, d_out, d_in) and gb (N, d_out) or None during the backward,
+    which returns ``∂x = ∂y W`` and ``∂W = Σ_i G_i``, ``∂b = Σ_i gb_i``, the sums in at least
+    float32 (a bf16 layer under autocast accumulates as its matmul would)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, receive):
+        ctx.save_for_backward(x, weight)
+        ctx.receive, ctx.has_bias = receive, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = g.matmul(weight) if ctx.needs_input_grad[0] else None
+        N, d_out, d_in = g.shape[0], g.shape[-1], x.shape[-1]
+        g3, x3 = g.reshape(N, -1, d_out), x.reshape(N, -1, d_in)
+        G = torch.bmm(g3.transpose(1, 2), x3)                                   # (N, d_out, d_in): G_i = Σ_τ b_iτ ⊗ a_iτ
+        gb = g3.sum(1) if ctx.has_bias else None                                # (N, d_out)
+        ctx.receive(G, gb)
+        acc = torch.promote_types(G.dtype, torch.float32)
+        total = lambda t: t.sum(0, dtype=acc).to(t.dtype)
+        return gx, total(G) if ctx.needs_input_grad[1] else None, \
+            total(gb) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
+
+
 class InRunCapture:
     """Hooks that turn a training forward/backward of 2B sequences into per-pair Gram entries.
 
     ``model``: a causal LM (transformers, possibly PEFT-wrapped); ``params``: a
     `dynamics.core.grads.select_params` spec or dict, resolved now; every selected parameter must
     require grad. ``contraction``: one of `CONTRACTIONS` (equal values; "auto" is the fastest).
+    ``bookkeeping``: form the selected plain linear layers' weight gradients per sequence instead
+    of the batch gradient (`_PerSequenceLinear`; faster at long sequences, the training gradient
+    then equal to float rounding instead of bit for bit; module docstring).
     One `capture` block holds one forward with grad and one backward (one micro-batch); `result`
     is valid after it and until the next `capture`.
     """
 
-    def __init__(self, model, params="trainable", *, contraction: str = "auto"):
+    def __init__(self, model, params="trainable", *, contraction: str = "auto", bookkeeping: bool = False):
         if contraction not in CONTRACTIONS:
             raise ValueError(f"unknown contraction {contraction!r}; known: {', '.join(CONTRACTIONS)}")
-        self.model, self.contraction = model, contraction
+        if bookkeeping and contraction == "ghost":
+            raise ValueError("bookkeeping forms per-sequence gradients, which contraction='ghost' never uses; "
+                             "use contraction='auto' or 'materialize'")
+        self.model, self.contraction, self.bookkeeping = model, contraction, bool(bookkeeping)
         self.params = resolve_params(model, params)
         frozen = [n for n, p in self.params.items() if not p.requires_grad]
         if frozen:
@@ -202,6 +254,7 @@ class InRunCapture:
                              "again inside the backward and its module calls would be recorded twice; turn "
                              "gradient checkpointing off or in_run off")
         self._reset()
+        self.bookkept: list[str] = []   # names of the modules whose calls ran as `_PerSequenceLinear` in this capture
         wanted = self._wanted = {id(p) for p in self.params.values()}
         handles = []
 
@@ -219,10 +272,20 @@ class InRunCapture:
 
         get_head = getattr(base, "get_output_embeddings", None)
         self._head = get_head() if callable(get_head) else None
+        owners: dict[int, int] = {}
+        for module in base.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        patched = []
         try:
-            for module in base.modules():
+            for qualname, module in base.named_modules():
                 names = [(r, p) for r, p in module.named_parameters(recurse=False) if id(p) in wanted]
-                if names:
+                if not names:
+                    continue
+                if self.bookkeeping and self._bookkeepable(module, names, owners):
+                    module.forward = self._per_sequence_forward(qualname, module, names, on_forward)
+                    patched.append(module)
+                else:
                     handles.append(module.register_forward_hook(
                         lambda m, a, kw, o, names=names: on_forward(m, a, kw, o, names), with_kwargs=True))
             emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
@@ -232,6 +295,60 @@ class InRunCapture:
         finally:
             for h in handles:
                 h.remove()
+            for module in patched:
+                del module.forward
+
+    def _bookkeepable(self, module: nn.Module, names, owners: dict[int, int]) -> bool:
+        """Whether ``module`` may run as `_PerSequenceLinear`: a plain ``nn.Linear`` (not a subclass,
+        its ``forward`` not replaced by someone else) whose weight is selected, is not the output
+        layer (its response positions are few: the compact ghost form is cheaper there) and is
+        owned by no other module (a tied weight's uses are contracted together)."""
+        return (type(module) is nn.Linear and module is not self._head and "forward" not in module.__dict__
+                and any(r == "weight" for r, _ in names) and all(owners[id(p)] == 1 for _, p in names))
+
+    def _materialized(self, x: Tensor, weight: Tensor) -> bool:
+        """Whether the per-sequence form is the one the contraction takes for a linear layer with
+        input ``x`` (N, T, d_in): always with ``contraction="materialize"``, by `entry_costs` (the
+        cost model of `pair_entries_from_uses`) with "auto". Only there does book-keeping pay: for
+        short sequences the ghost contraction beside autograd's product is cheaper than forming
+        and summing N·d_in·d_out numbers (docs/math.md §6.4)."""
+        if self.contraction == "materialize":
+            return True
+        N, T = x.shape[:2]
+        meta = lambda d: Factor(torch.empty(N, T, d, device="meta"))
+        c_ghost, c_mat = entry_costs([Use(meta(weight.shape[0]), meta(weight.shape[1]))], max(N // 2, 1))
+        return c_mat < c_ghost
+
+    def _per_sequence_forward(self, qualname: str, module: nn.Linear, names, on_forward):
+        """The replacement ``forward`` of a book-keeping linear layer: `_PerSequenceLinear` for a
+        training forward of (N, T, d_in) inputs whose entries are materialized (`_materialized`),
+        the ordinary layer with the hook path's recording otherwise."""
+        def forward(input: Tensor) -> Tensor:
+            x = input
+            if (self._busy or not torch.is_grad_enabled() or x.dim() != 3
+                    or not (x.requires_grad or module.weight.requires_grad)
+                    or not self._materialized(x, module.weight)):
+                out = F.linear(x, module.weight, module.bias)
+                on_forward(module, (x,), {}, out, names)
+                return out
+            if qualname not in self.bookkept:
+                self.bookkept.append(qualname)
+            k = len(self._calls)
+            self._calls.append(_Call(module, names, None, x.shape[0]))
+            receive = lambda G, gb: self._receive(k, lambda call: self._per_sequence_uses(call, G, gb))
+            w, b, dev = module.weight, module.bias, x.device.type
+            if not torch.is_autocast_enabled(dev):
+                return _PerSequenceLinear.apply(x, w, b, receive)
+            dt = torch.get_autocast_dtype(dev)     # cast as autocast casts a linear layer's operands
+            with torch.autocast(dev, enabled=False):
+                return _PerSequenceLinear.apply(x.to(dt), w.to(dt), None if b is None else b.to(dt), receive)
+        return forward
+
+    @staticmethod
+    def _per_sequence_uses(call: _Call, G: Tensor, gb: Tensor | None) -> list[tuple[int, Use]]:
+        """The uses of a book-kept call: its selected weight's and bias's per-sequence gradients."""
+        N, mats = G.shape[0], {"weight": G, "bias": gb}
+        return [(id(p), Use(mat=mats[r].reshape(N, -1))) for r, p in call.names]
 
     def watch(self, logp_w: Tensor, logp_l: Tensor, rows_w: Tensor | None = None, rows_l: Tensor | None = None) -> None:
         """Declare the pairs: ``logp_w, logp_l`` (B,) are the chosen/rejected log-prob tensors the
@@ -291,6 +408,13 @@ class InRunCapture:
 
     # ------------------------------------------------------------------ during the backward
     def _on_grad(self, k: int, g: Tensor) -> None:
+        """The output gradient of recorded call ``k``: its uses from the input and ``g``."""
+        head = self._calls[k].module is self._head
+        self._receive(k, lambda call: call_uses(call.module, call.names, call.inp, g.detach(), compact=head))
+
+    def _receive(self, k: int, uses_of) -> None:
+        """Contract the uses ``uses_of(call)`` of recorded call ``k`` now, or keep them until every
+        use of a parameter of several calls has arrived (a tied embedding / lm_head)."""
         if self._rows is None:
             raise RuntimeError("InRunCapture: the backward ran before watch(logp_w, logp_l)")
         if self._n_calls is None:  # the forward is complete once the backward starts
@@ -303,15 +427,15 @@ class InRunCapture:
         self._grads_seen += 1
         self._busy, t0 = True, time.perf_counter()
         try:
-            self._contract_call(call, g)
+            self._contract_call(call, uses_of)
         finally:
             self._busy = False
             self.seconds += time.perf_counter() - t0
 
-    def _contract_call(self, call: _Call, g: Tensor) -> None:
+    def _contract_call(self, call: _Call, uses_of) -> None:
         with torch.no_grad():
             now: dict[int, list[Use]] = {}
-            for pid, use in call_uses(call.module, call.names, call.inp, g.detach(), compact=call.module is self._head):
+            for pid, use in uses_of(call):
                 if self._n_calls[pid] == 1:
                     now.setdefault(pid, []).append(use)
                 else:  # a parameter of several calls (tied embedding / lm_head): wait for all its uses

@@ -13,6 +13,9 @@ Every use of a selected parameter W is an outer-product sum g_i = Σ_τ rows_iτ
 ids and b, the lm_head's r = e_y − π and h, a norm weight's materialized per-item gradient), so
 ⟨g_i, ΔW⟩ = Σ_τ rows_iτ · (ΔW cols_iτ): for a linear layer one product ΔW a per position, the work
 of the layer's forward; for an embedding a lookup of the rows of ΔE; a tied weight sums its uses.
+Where the Gram entries of a use are computed from its per-sequence gradients G_i (long sequences,
+the cost model of `dynamics.core.ghost.entry_costs`), G_i is formed once and upd_i = ⟨G_i, ΔW⟩
+reads it: d_in·d_out per sequence instead of T·d_in·d_out.
 This replaces the forward-mode jvp (`dynamics.core.conditions.update_prediction`, ≈ 3 forwards)
 and the no-grad forward of the log-probs, and forms 3 Gram entries per pair where
 `dynamics.core.grads.sentence_gram` forms (2B)².
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynamics.core.ghost import Factor, Use, call_uses, pair_entries_from_uses
+from dynamics.core.ghost import Factor, Use, call_uses, entry_costs, materialized, pair_entries_from_uses
 from dynamics.core.grads import analysis_mode, resolve_params
 from dynamics.core.logprobs import (PairLogProbs, SequenceLogProbs, TokenizedPairs, body_and_head, check_context,
                                     collate, model_device)
@@ -122,6 +125,10 @@ class _Accumulator:
     def add(self, uses: list[tuple[int, Use]]) -> None:
         now: dict[int, list[Use]] = {}
         for pid, use in uses:
+            if self.upd is not None and self.n_uses[pid] == 1 and use.mat is None:
+                c_ghost, c_mat = entry_costs([use], self.B)
+                if c_mat < c_ghost:   # the entries form G_i anyway: ⟨G_i, ΔW⟩ (P a sequence) instead of ΔW a (T·P)
+                    use = materialized(use, 2 * self.B)
             if self.upd is not None:
                 self.upd += update_dot(use, self.delta[pid], 2 * self.B)         # Σ_τ rows·(ΔW cols)
             if self.n_uses[pid] == 1:

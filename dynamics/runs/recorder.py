@@ -86,14 +86,17 @@ class RecorderConfig:
     probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
     in_run: bool = field(default=False, metadata={"help": "record every optimizer step's training pairs (train_records.parquet) from the training backward itself"})
     in_run_update: bool = field(default=False, metadata={"help": "with in_run: also the exact first-order effect <g, dtheta> of each real update on its training pairs (one jvp, ~3 forwards, per step)"})
+    in_run_bookkeeping: bool = field(default=False, metadata={"help": "with in_run: form the linear layers' weight gradients per sequence instead of the batch gradient and train on their sum (cheaper at long sequences; the training then equals a run without in_run to float rounding, not bit for bit)"})
     cross: bool = field(default=False, metadata={"help": "at recorded steps, split each probe's <g, dtheta> over the step's training pairs with the probe x training cross-Gram (contributions.parquet)"})
 
     def __post_init__(self):
-        for name in ("in_run", "in_run_update", "cross"):
+        for name in ("in_run", "in_run_update", "in_run_bookkeeping", "cross"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.in_run_update and not self.in_run:
             raise InputError("in_run_update needs in_run (it adds columns to the in-run rows of train_records)")
+        if self.in_run_bookkeeping and not self.in_run:
+            raise InputError("in_run_bookkeeping needs in_run (it is a way of computing the in-run rows)")
         if self.impl not in IMPLS:
             raise InputError(f"unknown impl {self.impl!r}; known: {', '.join(IMPLS)}")
         for name, low in (("eval_every", 1), ("token_pairs", 0)):
@@ -446,7 +449,7 @@ class InRunRecorder:
             raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
         self.run, self.cfg, self.flush_every = run, cfg, flush_every
         self.loss, self.loss_params = loss, resolve_hyper(loss, loss_params)
-        self.capture = InRunCapture(model, cfg.params)
+        self.capture = InRunCapture(model, cfg.params, bookkeeping=cfg.in_run_bookkeeping)
         self.model = model
         self._rows: list[dict] = []       # rows of the step being recorded
         self._seqs: list = []             # (pairs, pad_id) of the step's micro-batches (in_run_update)

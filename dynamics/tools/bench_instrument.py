@@ -11,6 +11,8 @@ median plain step of the same run (same shape, batch size, model and process). V
   (`pair_logprobs`), the loss, backward, AdamW step;
 - ``in_run``: + `InRunRecorder` (``RecorderConfig(in_run=True)``): hooks, the contractions during
   the backward, the rows (its Parquet write, every 20 steps in training, is not timed);
+- ``in_run_bookkeeping``: ``in_run`` with ``in_run_bookkeeping=True`` (the linear layers' weight
+  gradients formed per sequence instead of the batch gradient; `dynamics.core.inrun`);
 - ``in_run_update``: + ``in_run_update=True`` (θ_s snapshot, one jvp over the 2B sequences);
 - ``probe``: the plain step + `Recorder` recording it (``before_update`` before ``opt.step()``,
   ``after_update(optimizer=opt)`` after) for ``n_probe`` probe pairs of the same shape,
@@ -75,12 +77,12 @@ class Shape:
 # long-suffix, 400 pairs of ../shared/data/tweets/train.csv: prompt 35.5, responses 10 | 10 tokens;
 # TL;DR, 300 pairs of batch13.json: prompt 349, chosen 37.9, rejected 33.9 tokens.
 SHAPES = {"tweets": Shape("tweets", 36, 10, 10), "tldr": Shape("tldr", 349, 38, 34)}
-LOOP_VARIANTS = ("plain", "in_run", "in_run_update", "probe")
+LOOP_VARIANTS = ("plain", "in_run", "in_run_bookkeeping", "in_run_update", "probe")
 TRL_VARIANTS = ("trl_plain", "trl_in_run")
 VARIANTS = LOOP_VARIANTS + TRL_VARIANTS
 BASELINE = {**{v: "plain" for v in LOOP_VARIANTS}, **{v: "trl_plain" for v in TRL_VARIANTS}}
 # (variant, limit on its ratio to the baseline, n_probe the target is stated for or None)
-TARGETS = (("in_run", 1.25, None), ("trl_in_run", 1.25, None), ("probe", 2.0, 16))
+TARGETS = (("in_run", 1.25, None), ("in_run_bookkeeping", 1.25, None), ("trl_in_run", 1.25, None), ("probe", 2.0, 16))
 PROBE_CONFIG = RecorderConfig(whatif=True, token_pairs=0, probes=False)
 """The probe variant's recorder: the default `RecorderConfig` with ``token_pairs=0``."""
 GROUP = ["mode", "shape", "prompt", "len_w", "len_l", "batch_size", "variant"]
@@ -214,8 +216,9 @@ def _loop_run(model, tokenizer, shape: Shape, B: int, variants: list[str], *, st
         run = RunDir(tmp / f"{shape.name.replace(':', '_')}_B{B}_{v}")
         if v == "plain":
             hooks[v] = {}
-        elif v in ("in_run", "in_run_update"):
-            cfg = RecorderConfig(in_run=True, in_run_update=v == "in_run_update")
+        elif v in ("in_run", "in_run_bookkeeping", "in_run_update"):
+            cfg = RecorderConfig(in_run=True, in_run_update=v == "in_run_update",
+                                 in_run_bookkeeping=v == "in_run_bookkeeping")
             hooks[v] = dict(inrun=InRunRecorder(model, run, cfg, loss=loss, flush_every=10 ** 9))
         else:
             probe = synthetic_pairs(tokenizer, n_probe, prompt_len=shape.prompt, len_w=shape.len_w,
