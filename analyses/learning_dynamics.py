@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from dynamics.tools.plots import CHOSEN, REJECTED, STYLE, save_figure
+from dynamics.tools.plots import CHOSEN, REJECTED, STYLE, save_figure, step_axis
 
 PROBE_COLORS = {"chosen": CHOSEN, "rejected": REJECTED, "argmax_teacher": "#1b7837", "greedy": "#762a83",
                 "other_chosen": "#e08214", "held_out_chosen": "#8c510a", "chosen_shuffled": "#878787",
@@ -46,12 +46,12 @@ def plot_probe_curves(probes: pd.DataFrame, axes=None, *, alpha: float = 0.5, ti
         mean = probes.groupby(["probe", "step"]).logp.mean().reset_index()
         for name, g in mean.groupby("probe"):
             axes[0].plot(g.step, ema(g.logp, alpha), label=name, color=PROBE_COLORS.get(name), lw=1.3)
-        axes[0].set_xlabel("step")
+        step_axis(axes[0])
         axes[0].set_ylabel(r"$\log\pi(y|x)$ (EMA)")
         axes[0].legend(frameon=False, fontsize=6, ncol=2)
         ch = probes[probes.probe == "chosen"].groupby("step")[["argmax_mass", "argmax_logp"]].mean()
         axes[1].plot(ch.index, ema(ch.argmax_mass, alpha), color="#1b7837", label="argmax mass")
-        axes[1].set_xlabel("step")
+        step_axis(axes[1])
         axes[1].set_ylabel("mean argmax probability")
         ax2 = axes[1].twinx()
         ax2.plot(ch.index, ema(ch.argmax_logp, alpha), color="0.4", ls="--", label=r"$\sum_t\log\pi(y^*_t)$")

@@ -345,13 +345,19 @@ def _grid(rec: pd.DataFrame, losses, *, draw, ncols: int = 3):
     nrows = -(-len(losses) // ncols)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, figsize=(2.5 * ncols, 2.1 * nrows), squeeze=False)
-    for i, (ax, name) in enumerate(zip(axes.flat, losses)):
+    for ax, name in zip(axes.flat, losses):
         draw(rec[rec["loss"] == name], ax, name)
-        if ax.get_legend() is not None and i:  # one legend, in the first panel
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    for ax in axes.flat:
+        if ax.get_legend() is not None:   # one legend for the grid, above it, clear of every curve
             ax.get_legend().remove()
     for ax in list(axes.flat)[len(losses):]:
         ax.set_visible(False)
-    fig.tight_layout()
+    top = 1 - 0.3 / fig.get_figheight() if handles else 1
+    fig.tight_layout(rect=(0, 0, 1, top))
+    if handles:
+        with plt.rc_context(STYLE):
+            fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
     return fig
 
 

@@ -219,3 +219,26 @@ def test_probes_recorded_and_plotted(tmp_path):
     assert set(s.probe) == names and s.notna().all().all()
     fig = plot_probe_curves(probes)
     assert len(fig.axes) == 3
+
+
+def test_step_axes_tick_whole_steps():
+    """Curves over optimizer steps put ticks at whole steps only (12 steps: matplotlib's default
+    locator would tick 0, 2.5, 5, 7.5, 10)."""
+    import matplotlib.pyplot as plt
+
+    from analyses.learning_dynamics import plot_probe_curves
+    from dynamics.tools.plots import plot_cosine, plot_logprobs
+
+    steps = np.repeat(np.arange(12), 2)
+    rec = pd.DataFrame(dict(step=steps, logp_w=-np.arange(24.0), logp_l=-2 * np.arange(24.0),
+                            cos_wl=np.linspace(0, 0.3, 24), pairs=["a", "b"] * 12))
+    probes = pd.DataFrame(dict(step=steps, probe=["chosen", "rejected"] * 12, logp=-np.arange(24.0),
+                               argmax_mass=np.linspace(0.1, 0.2, 24), argmax_logp=-np.arange(24.0)))
+    figs = [plot_logprobs(rec), plot_cosine(rec, by="pairs"), plot_probe_curves(probes)]
+    for fig in figs:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            if ax.get_xlabel() == "step":
+                ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+                assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+        plt.close(fig)

@@ -71,7 +71,8 @@ def test_nine_runs_index_and_figures(tldr_out, tmp_path):
     dpo = tr[tr["loss"] == "dpo"]
     assert dpo["cos_wl"].notna().all() and dpo["cos_wl"].between(-1, 1).all()
     fig7 = tldr.make_figure(out, "fig7")
-    assert {t.get_text() for t in fig7.axes[0].get_legend().get_texts()} == {"training (every step)", "evaluation"}
+    assert {t.get_text() for t in fig7.legends[0].get_texts()} == {"training (every step)", "evaluation"}
+    assert len(fig7.legends) == 1 and all(ax.get_legend() is None for ax in fig7.axes)   # one, above the grid
     paths = tldr.write_figures(out, tmp_path / "fig")
     for name in tldr.FIGURES:
         assert (tmp_path / "fig" / f"{name}.png").is_file()

@@ -32,6 +32,14 @@ def new_axes(ax, size=(3.4, 2.4)):
     return fig, ax
 
 
+def step_axis(ax) -> None:
+    """Label ``ax``'s x axis "step" and tick it at whole steps only (optimizer steps are integers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _band(ax, df: pd.DataFrame, col: str, color: str, label: str) -> None:
     """Mean over pairs per step, with a ±1 standard-error band."""
     g = df.groupby("step")[col]
@@ -51,7 +59,7 @@ def plot_logprobs(records: pd.DataFrame, ax=None, *, normalized: bool = False, t
         sfx = "_norm" if normalized else ""
         _band(ax, records, f"logp_w{sfx}", CHOSEN, "chosen $y_w$")
         _band(ax, records, f"logp_l{sfx}", REJECTED, "rejected $y_l$")
-        ax.set_xlabel("step")
+        step_axis(ax)
         ax.set_ylabel(r"$\log\pi(y|x)/|y|$" if normalized else r"$\log\pi(y|x)$")
         if title:
             ax.set_title(title)
@@ -84,7 +92,7 @@ def plot_cosine(records: pd.DataFrame, ax=None, *, by: str | None = None, title:
             color = CHOSEN if by is None else plt.get_cmap("tab10")(i)
             _band(ax, g, "cos_wl", color, str(name).replace("_", " ") if name is not None else "cos")
         ax.axhline(0, color="0.6", lw=0.6)
-        ax.set_xlabel("step")
+        step_axis(ax)
         ax.set_ylabel(r"$\cos(\nabla\log\pi_w, \nabla\log\pi_l)$")
         if title:
             ax.set_title(title)
