@@ -55,8 +55,9 @@ TOL32 = 8 * torch.finfo(torch.float32).eps * math.log(len(tiny_tokenizer()))
 LAUNCH_TIMEOUT_S = 300          # a hang fails the test instead of blocking the suite
 PROCESSES, BATCH = 2, 4         # global batch: 2 per process
 CASES = {
-    # full fine-tuning (a frozen reference model), SGD; token Grams of 3 probes (2 on rank 0, 1 on rank 1)
-    "full": dict(lora=False, in_run=False, token_pairs=3, optim="sgd"),
+    # full fine-tuning (a frozen reference model), SGD; token Grams of 3 probes (2 on rank 0, 1 on rank 1);
+    # in-run rows, the tied embedding / lm_head's fused-head use included
+    "full": dict(lora=False, in_run=True, token_pairs=3, optim="sgd"),
     # LoRA, AdamW; in-run rows of the training pairs with their update effects
     "lora": dict(lora=True, in_run=True),
 }

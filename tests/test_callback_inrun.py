@@ -159,15 +159,19 @@ def trl_scales(tr, rows, ga):
 
 # ------------------------------------------------------------------ the rows against independent computations
 
-@pytest.mark.parametrize("ga,bookkeeping", [(1, False), (2, False), (2, True)])
-def test_rows_match_autograd_and_trl_loss(tmp_path, ga, bookkeeping):
+@pytest.mark.parametrize("ga,bookkeeping,peft", [(1, False, True), (2, False, True), (2, True, True), (2, False, False),
+                                                 (1, True, False)])
+def test_rows_match_autograd_and_trl_loss(tmp_path, ga, bookkeeping, peft):
     """GA=1: TRL precomputes the reference log-probs; GA=2: the reference forward (PEFT's disabled
-    adapter) inside each micro-batch is read, and ``in_run_update`` adds upd_dw, upd_dl; also with
-    book-keeping (the adapters' gradients formed per sequence, the trained ``.grad`` their sum)."""
+    adapter, or the ref_model) inside each micro-batch is read, and ``in_run_update`` adds upd_dw,
+    upd_dl; also with book-keeping (the layers' gradients formed per sequence, the trained ``.grad``
+    their sum). LoRA, and full fine-tuning: every parameter, the tied embedding / lm_head whose head
+    use TRL's fused head makes outside the module included."""
     tr, cb, snaps, tok = make_trainer(tmp_path, ga=ga, update=ga == 2, precompute_ref_log_probs=ga == 1,
-                                      bookkeeping=bookkeeping)
+                                      bookkeeping=bookkeeping, peft=peft)
     train(tr)
-    assert bool(cb.inrun.capture.bookkept) == bookkeeping          # every lora_A / lora_B when on
+    assert bool(cb.inrun.capture.bookkept) == bookkeeping          # LoRA: every lora_A / lora_B when on
+    assert not peft or len(resolve_params(tr.model, "trainable")) < len(dict(tr.model.named_parameters()))
     df = read_table(tmp_path / "dyn", "train_records")
     assert list(df.columns) == TRAIN_RECORD_COLUMNS + (["upd_dw", "upd_dl"] if ga == 2 else [])
     B = 2
@@ -204,8 +208,11 @@ def test_rows_match_autograd_and_trl_loss(tmp_path, ga, bookkeeping):
         assert rel_err(rows.logp_w, logp.logp[:n]) < TOL32 and rel_err(rows.logp_l, logp.logp[n:]) < TOL32
         assert rows.len_w.tolist() == [len(tp.chosen[i].response_ids) for i in k]
         assert rows.len_l.tolist() == [len(tp.rejected[i].response_ids) for i in k]
-        with model.disable_adapter():
-            ref = sequence_logprobs(model, seqs, tp.pad_id).logp
+        if peft:
+            with model.disable_adapter():
+                ref = sequence_logprobs(model, seqs, tp.pad_id).logp
+        else:
+            ref = sequence_logprobs(tr.ref_model, seqs, tp.pad_id).logp
         assert rel_err(rows.ref_w, ref[:n]) < TOL32 and rel_err(rows.ref_l, ref[n:]) < TOL32
         if ga == 2:   # ⟨g(θ_s), θ_{s+1} − θ_s⟩, both float64
             names = list(resolve_params(model, "trainable"))
@@ -260,15 +267,17 @@ def test_mismatched_loss_warns_once(tmp_path):
 # ------------------------------------------------------------------ refusals, before any step
 
 @pytest.mark.parametrize("case,match", [
-    ("full", "fused LM head"),
+    ("scaled_logits", "scales or soft-caps"),
     ("ld_alpha", "ld_alpha"),
     ("checkpointing", "gradient \\(activation\\) checkpointing"),
     ("not_attached", "attach"),
 ])
 def test_refused_at_train_begin(tmp_path, case, match):
-    kw = dict(full=dict(peft=False), ld_alpha=dict(ld_alpha=0.5), checkpointing=dict(activation_checkpointing=True),
-              not_attached=dict(attach=False))[case]
+    kw = dict(scaled_logits=dict(peft=False), ld_alpha=dict(ld_alpha=0.5),
+              checkpointing=dict(activation_checkpointing=True), not_attached=dict(attach=False))[case]
     tr, cb, snaps, _ = make_trainer(tmp_path, **kw)
+    if case == "scaled_logits":       # full fine-tuning of a model whose fused head scales the logits
+        tr.model.config.logit_scale = 2.0
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     with pytest.raises(InputError, match=match):
         train(tr)

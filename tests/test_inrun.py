@@ -415,6 +415,50 @@ def test_refuses_a_head_used_outside_its_module(pairs):
             lp.backward()
 
 
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_fused_head_declared_to_watch_tokens(arch, pairs):
+    """A fused LM head (as TRL's: log-probs from h and lm_head.weight, the module never called)
+    declared with ``watch_tokens(..., fused_head=(h, y))``: the head's use is rebuilt from ∂L/∂log π
+    per token and recomputed logits, and joins the tied embedding's use (tiny Llama) or stands
+    alone (tiny GPT-NeoX, untied); every parameter of the model trained, against the oracle."""
+    import torch.nn.functional as F
+
+    from dynamics.core.logprobs import body_and_head, collate
+
+    model = tiny_model(arch, seed=0, dtype=torch.float64)
+    body, head = body_and_head(model)
+    B = len(pairs)
+    batch = collate(pairs.chosen + pairs.rejected, pairs.pad_id, "right")
+    tgt, rmask = batch.response_positions()
+    mask = torch.zeros(2 * B, batch.input_ids.shape[1] - 1, dtype=torch.bool)      # as TRL's label_mask
+    mask.scatter_(1, tgt - 1, rmask)
+    y = batch.input_ids[:, 1:]
+
+    def fused_step(cap, declare):
+        model.zero_grad()
+        model.train()
+        with cap.capture():
+            h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids).last_hidden_state[:, :-1]                # (2B, T-1, d)
+            lp = F.log_softmax(F.linear(h, head.weight, head.bias), -1).gather(2, y[..., None])[..., 0] * mask
+            cap.watch_tokens(lp, mask, fused_head=(h.detach(), y) if declare else None)
+            seq = lp.sum(1)
+            compute_loss("ipo", seq[:B], seq[B:], torch.zeros(B, dtype=torch.float64),
+                         torch.zeros(B, dtype=torch.float64)).loss.mean().backward()
+        model.eval()
+
+    with pytest.raises(InputError, match="fused LM head"):
+        fused_step(InRunCapture(model), declare=False)                          # undeclared: refused, not missed
+    cap = InRunCapture(model)
+    fused_step(cap, declare=True)
+    prod = cap.result()
+    ip, sq_w, sq_l = oracle(model, pairs)
+    assert_rel(prod.ip_wl, ip)
+    assert_rel(prod.sq_w, sq_w)
+    assert_rel(prod.sq_l, sq_l)
+    assert prod.missing == [None] * B
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_full_sequence_head(arch, pairs):
     """The model's own forward (logits at every position, as a non-fused TRL step): the lm_head

@@ -181,3 +181,20 @@ def test_reference_logprobs_and_cache(tok, tmp_path):
     fresh = cached_reference_logprobs(other, changed, path)
     with torch.no_grad():
         assert fresh["ref_w"].iloc[0] == pytest.approx(pair_logprobs(other, changed).chosen.logp[0].item(), rel=1e-6)
+
+
+def test_body_and_head_refuses_scaled_logits():
+    """A model whose config scales or soft-caps its logits after the head is not ``head(body(x))``:
+    the analytic head (ghost engine, probe pass, TRL's fused head in-run) would be wrong, so None."""
+    from dynamics.core.logprobs import LOGIT_SCALINGS, body_and_head
+    from dynamics.inputs.models import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    body, head = body_and_head(model)
+    assert head is model.lm_head
+    for attr in LOGIT_SCALINGS:
+        setattr(model.config, attr, 1.0)                                    # unscaled: still the plain form
+        assert body_and_head(model) is not None, attr
+        setattr(model.config, attr, 0.5)
+        assert body_and_head(model) is None, attr
+        setattr(model.config, attr, None)

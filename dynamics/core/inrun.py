@@ -235,6 +235,7 @@ class InRunCapture:
         self._c: dict[str, Tensor] = {}
         self._constant: dict[str, Tensor] = {}   # watch_tokens: whether each row's per-token scale is one scalar
         self._head: nn.Module | None = None
+        self._fused: set[int] = set()   # selected output-layer parameters used outside the module (watch_tokens)
         self._n_calls: dict[int, int] | None = None
         self._pending: dict[int, list[Use]] = {}
         self._acc: tuple[Tensor, Tensor, Tensor] | None = None
@@ -369,7 +370,7 @@ class InRunCapture:
             t.register_hook(lambda g, side=side: self._c.__setitem__(side, g.detach().double()))
 
     def watch_tokens(self, per_token: Tensor, mask: Tensor, rows_w: Tensor | None = None,
-                     rows_l: Tensor | None = None) -> None:
+                     rows_l: Tensor | None = None, *, fused_head: tuple[Tensor, Tensor] | None = None) -> None:
         """`watch` for a loss computed from per-token log-probs: ``per_token`` (N, T) is the tensor the
         loss sums (TRL's ``outputs.log_probs`` of its ``fused_lm_head`` forward), ``mask`` (N, T) bool
         its response positions (TRL's ``label_mask``), ``rows_w, rows_l`` (B,) as in `watch` (default:
@@ -379,7 +380,15 @@ class InRunCapture:
         (`row_scales`): exact when the loss depends on each sequence only through its summed
         log-prob. A row where it is not constant (a per-token weighting such as TRL's ``ld_alpha``)
         gets NaN entries and `NONCONSTANT_REASON` (``PairProducts.missing``): its backward did not
-        scale one gradient g_i, so no ⟨g_i, ·⟩ can be read from it."""
+        scale one gradient g_i, so no ⟨g_i, ·⟩ can be read from it.
+
+        ``fused_head = (h, y)``: the output layer is applied outside its module (TRL's fused LM head
+        multiplies by ``lm_head.weight`` directly, so no hook sees it): ``h`` (N, T, d) the hidden
+        state it projected at each position of ``per_token``, ``y`` (N, T) the target ids there. Its
+        selected weight (and bias) then get the use of docs/math.md §6.1's lm_head row, with the
+        output gradient read off the backward: ∂L/∂z_t = ∂L/∂log π(y_t) · (e_{y_t} − softmax(z_t)),
+        z_t = W h_t + b recomputed at the masked positions (`_fused_head_uses`). A model whose
+        logits are scaled or soft-capped is not of this form: the caller refuses it."""
         if per_token.dim() != 2 or mask.shape != per_token.shape:
             raise ValueError(f"watch_tokens: per_token and mask must be (N, T) of one shape, got "
                              f"{tuple(per_token.shape)}, {tuple(mask.shape)}")
@@ -398,13 +407,51 @@ class InRunCapture:
         self._rows = (rows_w, rows_l)
         self._c, self._constant = {}, {}
         mask = mask.detach().bool()
+        if fused_head is not None:
+            h, y = fused_head
+            head = self._head
+            if not isinstance(head, nn.Linear):
+                raise InputError(f"in_run: a fused LM head needs a linear output layer, got {type(head).__name__}")
+            if h.shape[:2] != mask.shape or y.shape != mask.shape:
+                raise ValueError(f"watch_tokens: fused_head h (N, T, d) and y (N, T) must match per_token "
+                                 f"{tuple(mask.shape)}, got {tuple(h.shape)}, {tuple(y.shape)}")
+            self._fused = {id(p) for p in (head.weight, head.bias) if p is not None and id(p) in self._wanted}
 
         def on_grad(g):
             c, const = row_scales(g, mask.to(g.device))
             for side, rows in (("w", rows_w), ("l", rows_l)):
                 self._c[side], self._constant[side] = c[rows.to(c.device)], const[rows.to(c.device)]
+            if fused_head is not None and self._fused:
+                t0 = time.perf_counter()
+                for pid, use in self._fused_head_uses(g.detach(), mask.to(g.device), *fused_head):
+                    self._pending.setdefault(pid, []).append(use)   # with the embedding's use if tied: result()
+                self.seconds += time.perf_counter() - t0
 
         per_token.register_hook(on_grad)
+
+    def _fused_head_uses(self, g: Tensor, mask: Tensor, h: Tensor, y: Tensor) -> list[tuple[int, Use]]:
+        """The output layer's uses at the masked positions, packed to the left per row (as
+        `dynamics.core.ghost.compact_positions`): rows ∂L/∂z_t = g_t (e_{y_t} − π_t) (N, L, V),
+        cols h_t (N, L, d) (ones for the bias); computed in float64 for a float64 weight, else float32."""
+        head = self._head
+        W, b = head.weight, head.bias
+        dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            N, T = mask.shape
+            L = max(int(mask.sum(1).max()), 1)
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :L]       # masked first, in order
+            keep = torch.arange(L, device=mask.device)[None, :] < mask.sum(1)[:, None]      # (N, L)
+            hs = h.detach().gather(1, order[..., None].expand(N, L, h.shape[-1])).to(dt)
+            hs = torch.where(keep[..., None], hs, torch.zeros((), dtype=dt, device=hs.device))
+            ys = y.gather(1, order).clamp_min(0)
+            gs = torch.where(keep, g.gather(1, order).to(dt), torch.zeros((), dtype=dt, device=g.device))
+            r = -torch.softmax(F.linear(hs, W.detach().to(dt), None if b is None else b.detach().to(dt)), -1)
+            r.scatter_add_(-1, ys[..., None], torch.ones_like(r[..., :1]))
+            r.mul_(gs[..., None])                                                          # (N, L, V)
+        uses = {id(W): Use(Factor(r), Factor(hs))}
+        if b is not None:
+            uses[id(b)] = Use(Factor(r), Factor(keep[..., None].to(dt)))
+        return [(pid, u) for pid, u in uses.items() if pid in self._fused]
 
     # ------------------------------------------------------------------ during the backward
     def _on_grad(self, k: int, g: Tensor) -> None:
@@ -419,7 +466,7 @@ class InRunCapture:
             raise RuntimeError("InRunCapture: the backward ran before watch(logp_w, logp_l)")
         if self._n_calls is None:  # the forward is complete once the backward starts
             self._check_forward()
-            self._n_calls = {}
+            self._n_calls = {pid: 1 for pid in self._fused}          # the fused head's use (watch_tokens)
             for c in self._calls:
                 for _, p in c.names:
                     self._n_calls[id(p)] = self._n_calls.get(id(p), 0) + 1
@@ -453,7 +500,8 @@ class InRunCapture:
             raise InputError(f"in_run: {self._forwards} forwards with grad ran under one capture; the in-run engine "
                              "needs chosen and rejected in one forward (rows = sequences) per backward")
         head = self._head
-        if (head is not None and any(id(p) in self._wanted for p in head.parameters(recurse=False))
+        if (head is not None and any(id(p) in self._wanted and id(p) not in self._fused
+                                     for p in head.parameters(recurse=False))
                 and not any(c.module is head for c in self._calls)):
             raise InputError("in_run: the output layer's weight is among the selected parameters but the lm_head module "
                              "was not called in the forward: the weight is used outside the module (a fused LM head, "
@@ -474,7 +522,7 @@ class InRunCapture:
             raise RuntimeError("InRunCapture.result(): the watched log-prob tensors received no gradient; pass watch() "
                                "the very tensors the loss is computed from (a new slice or sum of them is another "
                                "tensor)")
-        used = {id(p) for c in self._calls for _, p in c.names}
+        used = {id(p) for c in self._calls for _, p in c.names} | self._fused
         missing = [n for n, p in self.params.items() if id(p) not in used]
         if missing:
             raise InputError(f"in_run: selected parameter(s) {missing[:5]} are used by no module call the in-run engine "

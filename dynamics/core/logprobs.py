@@ -209,6 +209,12 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+LOGIT_SCALINGS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                  "logits_scaling")
+"""Config attributes with which transformers models (Gemma 2, Cohere, Granite, MiniCPM, Falcon-H1, …)
+scale or soft-cap the logits after the head; any of them set (≠ 1) makes `body_and_head` None."""
+
+
 def body_and_head(model):
     """``(body, head)`` of a transformers causal LM — ``logits = head(body(...).last_hidden_state)``
     — or None when the model is not of that form (custom modules, logit scaling/soft-capping)."""
@@ -217,7 +223,7 @@ def body_and_head(model):
     head = get_head() if callable(get_head) else None
     body = getattr(model, "base_model", None)
     cfg = getattr(model, "config", None)
-    scaled = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("final_logit_softcapping", "logit_scale"))
+    scaled = any(getattr(cfg, a, None) not in (None, 1.0) for a in LOGIT_SCALINGS)
     if not isinstance(head, torch.nn.Linear) or body is None or body is model or scaled:
         return None
     return body, head

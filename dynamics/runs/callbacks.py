@@ -25,13 +25,15 @@ per optimizer step × *training* pair in ``train_records.parquet`` (the columns 
 micro-batch) in an `InRunCapture`; a forward hook on the policy (and reference) model picks the
 ``fused_lm_head`` forward with grad of TRL's ``_compute_loss`` and hooks its per-token
 ``log_probs`` (`InRunCapture.watch_tokens`), from which c = ∂L/∂log π of every sequence is read.
-See `DynamicsCallback` for the columns' meaning under TRL. Supported: LoRA (or any setup where
-the LM head and a weight tied to it are frozen), every TRL loss type that depends on each
+See `DynamicsCallback` for the columns' meaning under TRL. Supported: LoRA, and full fine-tuning
+(TRL's fused head multiplies by the lm_head weight outside the lm_head module, where no hook sees
+it; a forward hook on the backbone keeps its last hidden state h, and the head's use is rebuilt
+from h, the labels and the per-token gradient: `InRunCapture.watch_tokens` with ``fused_head``;
+a model with scaled or soft-capped logits is refused), every TRL loss type that depends on each
 sequence only through its summed log-prob (sigmoid, hinge, ipo, …, ``use_weighting``, several
 ``loss_type`` at once), gradient accumulation, ``precompute_ref_log_probs``, a ``ref_model`` or
-PEFT's disabled adapter as reference, ``in_run_update``. Refused at train begin with
-`InputError`: full fine-tuning (TRL's fused head uses the lm_head weight outside the lm_head
-module, invisible to the hooks), ``ld_alpha`` (a per-token weighting), gradient checkpointing
+PEFT's disabled adapter as reference, ``in_run_update``, ``in_run_bookkeeping``. Refused at train
+begin with `InputError`: ``ld_alpha`` (a per-token weighting), gradient checkpointing
 (TRL's default: pass ``gradient_checkpointing=False``), ``padding_free``, MoE router aux loss,
 prompt-learning PEFT, vision datasets, DeepSpeed, FSDP version 1, and a trainer that is not a TRL
 ``DPOTrainer`` or a callback that was not attached with ``attach``.
@@ -79,8 +81,8 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from dynamics.core.logprobs import (TokenizedPairs, TokenizedSequence, pair_fingerprints, reference_logprobs,
-                                    tokenize_pairs, unwrap)
+from dynamics.core.logprobs import (TokenizedPairs, TokenizedSequence, body_and_head, pair_fingerprints,
+                                    reference_logprobs, tokenize_pairs, unwrap)
 from dynamics.runs import distributed
 from dynamics.runs.distributed import shard_slice
 from dynamics.runs.rundir import RunDir, to_jsonable
@@ -172,6 +174,7 @@ class DynamicsCallback(TrainerCallback):
         self._summary: dict | None = None
         self._t_step = self._t_rec = 0.0
         self._trainer = None
+        self._body = None          # in_run with a trained output layer: the backbone whose output the fused head reads
         self.inrun: InRunRecorder | None = None
         self._inrun_summary: dict | None = None
         self._micro = 0
@@ -240,12 +243,15 @@ class DynamicsCallback(TrainerCallback):
         ids = {id(p) for p in inrun.capture.params.values()}
         with distributed.full_parameters(model):  # FSDP2: the head holds FSDP's unsharded parameters, as the capture
             head_trained = head is not None and any(id(p) in ids for p in head.parameters())
-        if head_trained:
-            raise InputError("in_run: the output layer's weight (or the input embedding tied to it) is trained, but "
-                             "TRL's fused LM head uses it outside the lm_head module, where the in-run hooks cannot "
-                             "see its gradient (full fine-tuning); train with LoRA (peft_config=LoraConfig(...)), "
-                             "freeze the head, select other parameters (RecorderConfig(params=...)), or use "
-                             "in_run=False")
+        # Full fine-tuning: TRL's fused LM head uses the head's weight outside the lm_head module, so its
+        # use is rebuilt from the backbone's last hidden state and the per-token gradient
+        # (`InRunCapture.watch_tokens(fused_head=...)`); that needs logits = W h + b, unscaled.
+        split = body_and_head(model) if head_trained else None
+        self._body = split[0] if split is not None else None
+        if head_trained and self._body is None:
+            raise InputError("in_run with a trained output layer (full fine-tuning) needs a linear LM head with "
+                             "unscaled, uncapped logits (TRL's fused head then projects W h + b); this model scales "
+                             "or soft-caps its logits: train with LoRA, freeze the head, or use in_run=False")
         return inrun
 
     def _in_run_step(self, original, model, inputs, *args, **kwargs):
@@ -261,6 +267,8 @@ class DynamicsCallback(TrainerCallback):
         with inrun.micro_batch() as cap:
             sink.cap = cap
             handles = [m.register_forward_hook(sink.hook, with_kwargs=True) for m in mods]
+            if self._body is not None:                        # full fine-tuning: the fused head's input
+                handles.append(self._body.register_forward_hook(sink.body_hook))
             try:
                 loss = original(model, inputs, *args, **kwargs)
             finally:
@@ -581,7 +589,30 @@ class _FusedOutputs:
         self.cap = None
         self.policy: tuple | None = None     # (log_probs detached, label_mask)
         self.ref = None
+        self.hidden = None                   # full fine-tuning: the policy backbone's last hidden state (body_hook)
         self._seen: list = []
+
+    def body_hook(self, module, args, out):
+        """The first backbone forward with grad (the policy's): the hidden states the fused head projects."""
+        h = getattr(out, "last_hidden_state", None)
+        if self.hidden is None and torch.is_grad_enabled() and isinstance(h, torch.Tensor) and h.requires_grad:
+            self.hidden = h.detach()
+
+    def _fused_head(self, kwargs, mask):
+        """``(h, y)`` of the fused head as TRL forms them (h[:, :-1] against labels[:, 1:]), or None
+        without a captured backbone output (the head is not trained)."""
+        if self.hidden is None:
+            return None
+        labels = kwargs.get("labels")
+        if kwargs.get("shift_labels") is not None or not isinstance(labels, torch.Tensor):
+            raise InputError("in_run with a trained output layer: TRL's fused head was called without labels or with "
+                             "shift_labels (context/sequence parallelism), which the in-run rows do not follow; "
+                             "train with LoRA or use in_run=False")
+        h, y = self.hidden[:, :-1], labels[:, 1:].to(mask.device)
+        if h.shape[:2] != mask.shape:
+            raise RuntimeError(f"in_run: the backbone's hidden states {tuple(h.shape)} do not match TRL's label mask "
+                               f"{tuple(mask.shape)}; use in_run=False")
+        return h.to(mask.device), y
 
     def hook(self, module, args, kwargs, out):
         lp, mask = getattr(out, "log_probs", None), getattr(out, "label_mask", None)
@@ -591,7 +622,7 @@ class _FusedOutputs:
         if torch.is_grad_enabled() and lp.requires_grad:
             if self.policy is None:
                 self.policy = (lp.detach(), mask.detach())
-                self.cap.watch_tokens(lp, mask)
+                self.cap.watch_tokens(lp, mask, fused_head=self._fused_head(kwargs, mask))
         elif self.policy is not None and self.ref is None and lp.shape == self.policy[0].shape:
             self.ref = lp.detach()
 

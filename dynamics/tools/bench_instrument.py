@@ -19,7 +19,7 @@ median plain step of the same run (same shape, batch size, model and process). V
   `PROBE_CONFIG`, reference log-probs computed once before timing; its Parquet appends (records,
   what-if) are part of ``after_update`` and timed;
 - ``trl_plain`` / ``trl_in_run``: TRL's ``DPOTrainer`` step (LoRA on every linear layer, the head
-  frozen: what in-run under TRL needs) without and with ``DynamicsCallback(...,
+  frozen) without and with ``DynamicsCallback(...,
   RecorderConfig(in_run=True)).attach(trainer)``, timed from ``on_step_begin`` to ``on_step_end``
   (TRL's forward of policy and no-grad reference, backward, clipping, AdamW, scheduler; the
   callback's per-step bookkeeping included; batch loading and logging excluded). Two trainers with
