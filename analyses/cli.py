@@ -684,10 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="plain, in_run, in_run_bookkeeping, in_run_update, probe, trl_plain, trl_in_run "
                             "(default: all but the TRL ones; ratios are to plain / trl_plain, which must be among them)")
         p.add_argument("--trl", action="store_true", help="add trl_plain and trl_in_run: TRL's DPOTrainer step "
-                       "(LoRA, frozen head) without and with DynamicsCallback(RecorderConfig(in_run=True))")
+                       "(LoRA, or full fine-tuning with --lora-r 0) without and with "
+                       "DynamicsCallback(RecorderConfig(in_run=True))")
         p.add_argument("--steps", type=pos_int, default=5, help="timed steps of each variant (after one warm-up)")
         p.add_argument("--n-probe", type=pos_int, default=16, help="probe pairs of the probe variant")
-        p.add_argument("--lora-r", type=pos_int, default=16, help="LoRA rank of the TRL variants")
+        p.add_argument("--lora-r", type=nonneg_int, default=16,
+                       help="LoRA rank of the TRL variants (0: full fine-tuning, a frozen copy as reference)")
         p.add_argument("--threads", type=pos_int, default=None, help="torch intra-op threads (default: torch's)")
         p.add_argument("--device", type=_device, default="cpu")
         p.add_argument("--out", default=None, help=".csv or .parquet of the table; beside it <stem>_steps "

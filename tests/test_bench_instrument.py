@@ -63,11 +63,12 @@ def test_inrun_alias_runs_plain_and_the_in_run_variants_only(tmp_path, capsys):
     assert ratio == pytest.approx(summary.x_plain_wall.iloc[1], abs=1e-3)
 
 
-def test_trl_variants(tmp_path, capsys):
+@pytest.mark.parametrize("lora_r", ["2", "0"])                                  # 0: full fine-tuning
+def test_trl_variants(tmp_path, capsys, lora_r):
     pytest.importorskip("trl")
     pytest.importorskip("peft")
     out = tmp_path / "trl.csv"
-    assert main(["bench", "instrument", *TINY, "--variants", "plain", "--trl", "--steps", "2", "--lora-r", "2",
+    assert main(["bench", "instrument", *TINY, "--variants", "plain", "--trl", "--steps", "2", "--lora-r", lora_r,
                  "--out", str(out)]) == 0
     summary, steps = pd.read_csv(out), pd.read_csv(tmp_path / "trl_steps.csv")
     assert summary.variant.tolist() == ["plain", *TRL_VARIANTS]

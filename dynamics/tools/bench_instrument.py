@@ -18,8 +18,9 @@ median plain step of the same run (same shape, batch size, model and process). V
   ``after_update(optimizer=opt)`` after) for ``n_probe`` probe pairs of the same shape,
   `PROBE_CONFIG`, reference log-probs computed once before timing; its Parquet appends (records,
   what-if) are part of ``after_update`` and timed;
-- ``trl_plain`` / ``trl_in_run``: TRL's ``DPOTrainer`` step (LoRA on every linear layer, the head
-  frozen) without and with ``DynamicsCallback(...,
+- ``trl_plain`` / ``trl_in_run``: TRL's ``DPOTrainer`` step (LoRA of rank ``lora_r`` on every linear
+  layer, the head frozen; ``lora_r=0``: full fine-tuning against a frozen copy as reference) without and
+  with ``DynamicsCallback(...,
   RecorderConfig(in_run=True)).attach(trainer)``, timed from ``on_step_begin`` to ``on_step_end``
   (TRL's forward of policy and no-grad reference, backward, clipping, AdamW, scheduler; the
   callback's per-step bookkeeping included; batch loading and logging excluded). Two trainers with
@@ -354,9 +355,10 @@ def _trl_run(model, tokenizer, shape: Shape, B: int, *, steps: int, lr: float, l
                          use_cpu=device.type == "cpu", activation_checkpointing=False, seed=0, disable_tqdm=True,
                          lr_scheduler_type="constant", bf16=False, fp16=False, max_length=None)
         torch.manual_seed(0)                                       # the same LoRA initialization in both
-        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear")
-        tr = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tokenizer,
-                        peft_config=lora, callbacks=[Timer(i, variant)])
+        lora = (LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear")
+                if lora_r else None)                               # 0: full fine-tuning, a frozen copy as reference
+        tr = DPOTrainer(model=copy.deepcopy(model), ref_model=None if lora else copy.deepcopy(model), args=args,
+                        train_dataset=ds, processing_class=tokenizer, peft_config=lora, callbacks=[Timer(i, variant)])
         if variant == "trl_in_run":
             cfg = RecorderConfig(in_run=True, eval_every=10 ** 9, whatif=False, token_pairs=0)
             DynamicsCallback(probe, out / "dynamics", cfg, loss="dpo", loss_params={"beta": beta}).attach(tr)
@@ -413,7 +415,7 @@ def bench_instrument(model=None, tokenizer=None, *, model_name: str | None = Non
 
     ``model``/``tokenizer``: a loaded model, else ``load_model(model_name or "smollm2-135m",
     device=device)`` (``model_name`` names it in the output); the loop variants train it in place,
-    the TRL ones train LoRA copies. ``shapes``: names of `SHAPES`, ``PROMPT:CHOSEN:REJECTED``
+    the TRL ones train copies (LoRA of rank ``lora_r``, or fully with ``lora_r=0``). ``shapes``: names of `SHAPES`, ``PROMPT:CHOSEN:REJECTED``
     strings or `Shape` objects; ``batch_sizes``: pairs per step; ``steps``: timed steps of each
     variant; ``n_probe``: probe pairs of the ``probe`` variant; ``threads``: torch intra-op threads
     (restored afterwards; None: unchanged); ``progress``: called with one line per timed round
@@ -422,9 +424,10 @@ def bench_instrument(model=None, tokenizer=None, *, model_name: str | None = Non
     variants = check_variants(variants)
     shapes = [s if isinstance(s, Shape) else parse_shape(s) for s in shapes]
     sizes = [("batch size", b) for b in batch_sizes]
-    for name, v in (("steps", steps), ("n_probe", n_probe), ("lora_r", lora_r), *sizes):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+    for name, v, low in (("steps", steps, 1), ("n_probe", n_probe, 1), ("lora_r", lora_r, 0),
+                         *[(n, b, 1) for n, b in sizes]):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {v!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be an integer >= 1, got {threads!r}")
     if not shapes or not batch_sizes:
