@@ -236,6 +236,7 @@ class InRunCapture:
         self._constant: dict[str, Tensor] = {}   # watch_tokens: whether each row's per-token scale is one scalar
         self._head: nn.Module | None = None
         self._fused: set[int] = set()   # selected output-layer parameters used outside the module (watch_tokens)
+        self.bookkept: list[str] = []   # names of the modules whose calls ran as `_PerSequenceLinear` in this capture
         self._n_calls: dict[int, int] | None = None
         self._pending: dict[int, list[Use]] = {}
         self._acc: tuple[Tensor, Tensor, Tensor] | None = None
@@ -255,7 +256,6 @@ class InRunCapture:
                              "again inside the backward and its module calls would be recorded twice; turn "
                              "gradient checkpointing off or in_run off")
         self._reset()
-        self.bookkept: list[str] = []   # names of the modules whose calls ran as `_PerSequenceLinear` in this capture
         wanted = self._wanted = {id(p) for p in self.params.values()}
         handles = []
 
