@@ -1064,10 +1064,10 @@ def pair_entries_from_uses(uses: dict[int, list[Use]], w: Tensor, l: Tensor, *,
             G = _materialize(_restrict(ulist[0], items), 2 * B).to(dtype)                # (2B, P)
             for u in ulist[1:]:
                 G = G + _materialize(_restrict(u, items), 2 * B).to(dtype)
-            Gw, Gl = G[:B, None, :], G[B:, :, None]                                     # row-wise dots as bmm: no (B, P) temporaries
-            ip += torch.bmm(Gw, Gl).reshape(B).double()
-            sq_w += torch.bmm(Gw, Gw.transpose(1, 2)).reshape(B).double()
-            sq_l += torch.bmm(Gl.transpose(1, 2), Gl).reshape(B).double()
+            Gw, Gl = G[:B], G[B:]
+            ip += (Gw * Gl).sum(1).double()        # torch's cascade sums, not a BLAS dot (see `_rowdot`)
+            sq_w += (Gw * Gw).sum(1).double()
+            sq_l += (Gl * Gl).sum(1).double()
         else:
             for u in ulist:
                 for v in ulist:
