@@ -59,8 +59,11 @@ def test_in_run_matches_pair_inner_products(smollm2, smollm2_64, mode):
     lm_head included): the in-run entries against `pair_inner_products` in float64 at the same θ,
     to 2e-4 — measured 1.2e-4, which is the float32 training backward's own rounding (its
     log-softmax backward; the probe pass forms e_y − π directly), not the engine's: on a subset of θ
-    the entries equal the float32 per-sequence autograd gradients of the same forward to 1e-5
-    (measured 1.6e-7). Book-keeping (forced on every linear layer) also trains on the batch gradient
+    the entries equal the float32 per-sequence autograd gradients of the same forward to 1e-4 —
+    two float32 evaluations with other batch shapes and reduction orders, measured 1.6e-7 with AVX2
+    kernels and 2.4e-5 with ``ATEN_CPU_CAPABILITY=default`` (sequential sums over the 49152-token
+    vocabulary); each of the subset's groups (tied embedding, last block, norms) carries over 10% of
+    its squared norms, so dropping one is off by far more. Book-keeping (forced on every linear layer) also trains on the batch gradient
     to float32 rounding (1e-4 of each parameter's largest entry: ~10³ reordered float32 terms)."""
     from dynamics.core.grads import flat_grads
     from dynamics.core.inrun import InRunCapture
@@ -98,8 +101,8 @@ def test_in_run_matches_pair_inner_products(smollm2, smollm2_64, mode):
         assert rel(getattr(prod, k), oracle[k]) < 2e-4, k
     G = flat_grads(model, pairs.chosen + pairs.rejected, pairs.pad_id, sub).double()  # float32 autograd, (2B, P)
     prod_sub = step(sub, book)[0]
-    assert rel(prod_sub.ip_wl, (G[:B] * G[B:]).sum(1)) < 1e-5
-    assert rel(prod_sub.sq_w, (G[:B] * G[:B]).sum(1)) < 1e-5
+    assert rel(prod_sub.ip_wl, (G[:B] * G[B:]).sum(1)) < 1e-4
+    assert rel(prod_sub.sq_w, (G[:B] * G[:B]).sum(1)) < 1e-4
     if book:
         assert len(cap.bookkept) == 30 * 7                                      # every linear layer of the body
         plain = step("all", capture=False)[1]
