@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynamics.core import conditions
-from dynamics.core.ghost import Factor, Use, call_uses, entry_costs, pair_entries_from_uses
+from dynamics.core.ghost import Factor, Use, call_uses, compact_positions, entry_costs, pair_entries_from_uses
 from dynamics.core.grads import resolve_params
 from dynamics.core.logprobs import unwrap
 from dynamics.errors import InputError
@@ -430,27 +430,22 @@ class InRunCapture:
         per_token.register_hook(on_grad)
 
     def _fused_head_uses(self, g: Tensor, mask: Tensor, h: Tensor, y: Tensor) -> list[tuple[int, Use]]:
-        """The output layer's uses at the masked positions, packed to the left per row (as
-        `dynamics.core.ghost.compact_positions`): rows ∂L/∂z_t = g_t (e_{y_t} − π_t) (N, L, V),
-        cols h_t (N, L, d) (ones for the bias); computed in float64 for a float64 weight, else float32."""
+        """The output layer's uses at the masked positions with a gradient, packed to the left per row
+        (`dynamics.core.ghost.compact_positions`): rows ∂L/∂z_t = g_t (e_{y_t} − π_t) (N, L, V), cols
+        h_t (N, L, d) (ones for the bias); computed in float64 for a float64 weight, else float32."""
         head = self._head
         W, b = head.weight, head.bias
         dt = torch.float64 if W.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            N, T = mask.shape
-            L = max(int(mask.sum(1).max()), 1)
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :L]       # masked first, in order
-            keep = torch.arange(L, device=mask.device)[None, :] < mask.sum(1)[:, None]      # (N, L)
-            hs = h.detach().gather(1, order[..., None].expand(N, L, h.shape[-1])).to(dt)
-            hs = torch.where(keep[..., None], hs, torch.zeros((), dtype=dt, device=hs.device))
-            ys = y.gather(1, order).clamp_min(0)
-            gs = torch.where(keep, g.gather(1, order).to(dt), torch.zeros((), dtype=dt, device=g.device))
+            gm = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))[..., None]   # (N, T, 1)
+            hs, gs = compact_positions(h.detach().to(dt), gm.to(dt))       # one order for h, g and y: gm's
+            ys, _ = compact_positions(y.clamp_min(0), gm)
             r = -torch.softmax(F.linear(hs, W.detach().to(dt), None if b is None else b.detach().to(dt)), -1)
             r.scatter_add_(-1, ys[..., None], torch.ones_like(r[..., :1]))
-            r.mul_(gs[..., None])                                                          # (N, L, V)
+            r.mul_(gs)                                                                     # (N, L, V)
         uses = {id(W): Use(Factor(r), Factor(hs))}
         if b is not None:
-            uses[id(b)] = Use(Factor(r), Factor(keep[..., None].to(dt)))
+            uses[id(b)] = Use(Factor(r), Factor(torch.ones_like(gs)))
         return [(pid, u) for pid, u in uses.items() if pid in self._fused]
 
     # ------------------------------------------------------------------ during the backward
