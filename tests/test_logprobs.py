@@ -198,3 +198,24 @@ def test_body_and_head_refuses_scaled_logits():
         setattr(model.config, attr, 0.5)
         assert body_and_head(model) is None, attr
         setattr(model.config, attr, None)
+
+
+def test_pair_prompt_cut_once_by_the_longer_response(tok):
+    """prompt_left cuts a pair's prompt once: chosen and rejected keep the same prompt ids (the
+    longer sequence fills max_length, the shorter is shorter), whichever of the two is longer."""
+    pair = PAIRS[3]                                                     # chosen short, rejected long
+    full = tokenize_pairs(tok, [pair])
+    lw, ll = (len(s.response_ids) for s in (full.chosen[0], full.rejected[0]))
+    assert ll > lw + 2
+    n = len(full.chosen[0].prompt_ids) + ll
+    for p in (pair, P(3, pair.prompt, pair.rejected, pair.chosen)):       # the longer as rejected, then as chosen
+        cut = tokenize_pairs(tok, [p], max_length=n - 2)
+        w, l = cut.chosen[0], cut.rejected[0]
+        assert w.prompt_ids == l.prompt_ids == full.chosen[0].prompt_ids[2:]
+        assert w.n_prompt_truncated == l.n_prompt_truncated == 2
+        assert max(w.length, l.length) == n - 2 and min(w.length, l.length) == n - 2 - (ll - lw)
+    # the same cut as the longer sequence alone, never one per sequence
+    alone = tokenize_response(tok, pair.prompt, pair.rejected, max_length=n - 2)
+    assert alone.prompt_ids == tokenize_pairs(tok, [pair], max_length=n - 2).chosen[0].prompt_ids
+    with pytest.raises(ValueError, match="rejected.*never cut"):        # the longer response names the error
+        tokenize_pairs(tok, [pair], max_length=ll)

@@ -204,6 +204,23 @@ def test_resume_with_changed_config_is_refused(dpo_run):
     assert snapshot(dpo_run) == before
 
 
+def test_resume_with_pairs_tokenized_otherwise_is_refused(dpo_run):
+    """Rows recorded on other token ids (an older truncation rule, another tokenizer: the saved
+    references carry the ids' fingerprints) are never continued by a resumed run."""
+    import pandas as pd
+    ref = dpo_run / "ref_probe.parquet"
+    frame = pd.read_parquet(ref)
+    frame.loc[1, "fingerprint"] = "0" * len(frame.loc[1, "fingerprint"])
+    frame.to_parquet(ref, index=False)
+    before = snapshot(dpo_run)
+    with pytest.raises(InputError, match=r"tokenize to other ids .*--overwrite") as err:
+        train(cfg(dpo_run, resume=True, steps=3))
+    assert repr(str(frame.loc[1, "pair_id"])) in str(err.value)
+    assert snapshot(dpo_run) == before
+    assert main(["train", "--out", str(dpo_run), "--resume", "--steps", "3"] + CLI) == 2
+    assert snapshot(dpo_run) == before
+
+
 def test_resume_with_more_steps(dpo_run):
     run = train(cfg(dpo_run, resume=True, steps=4))
     assert read_table(run.path, "train").step.tolist() == [1, 2, 3, 4]

@@ -12,8 +12,10 @@ the response none (``append_eos=True`` adds the EOS token to every response, as 
 
 Truncation never cuts a response silently: with ``truncation="error"`` (default) a pair longer
 than ``max_length`` raises; with ``truncation="prompt_left"`` prompt tokens are dropped from the
-left and the number dropped is recorded per sequence (``n_prompt_truncated``). A sequence longer
-than the model's context (``config.max_position_embeddings``) always raises.
+left and the number dropped is recorded per sequence (``n_prompt_truncated``). A pair's two
+sequences keep one prompt, cut by the longer response, so chosen and rejected are always scored
+on the same context. A sequence longer than the model's context
+(``config.max_position_embeddings``) always raises.
 
 Padding. ``padding_side="right"`` (default) or ``"left"`` give identical log-probs (tested);
 position ids are ``cumsum(attention_mask) - 1``, so either side sees the same positions. Right
@@ -82,6 +84,41 @@ class TokenizedPairs:
                               [self.rejected[i] for i in indices], self.pad_id, self.max_length, self.truncation)
 
 
+def _tokenize_shared_prompt(tokenizer, prompt: str, responses: Sequence[str], *, max_length: int | None,
+                            truncation: str, append_eos: bool, whats: Sequence[str]) -> list[TokenizedSequence]:
+    """Tokenize one prompt (with special tokens) and its ``responses`` (without); every sequence
+    gets the *same* prompt ids. With ``max_length`` and ``"prompt_left"`` the prompt is cut from
+    the left once, by what the longest response needs (prompt + longest response = max_length),
+    so responses compared with each other (a preference pair) are always scored on one context."""
+    truncation = resolve_truncation(truncation, max_length)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    resp = [list(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("append_eos=True but the tokenizer has no eos token")
+        for r in resp:
+            r.append(tokenizer.eos_token_id)
+    for r, what in zip(resp, whats):
+        if not r:
+            raise ValueError(f"empty response ({what}): it tokenizes to zero tokens")
+    if not prompt_ids:
+        raise ValueError(f"empty prompt ({whats[0]}): with no prompt token (and no BOS) the first "
+                         "response token has no context to be predicted from")
+    cut = 0
+    longest = max(range(len(resp)), key=lambda j: len(resp[j]))
+    n = len(prompt_ids) + len(resp[longest])
+    if max_length is not None and n > max_length:
+        if truncation == "error" or len(resp[longest]) >= max_length:
+            raise ValueError(
+                f"{whats[longest]}: prompt ({len(prompt_ids)} tokens) + response ({len(resp[longest])} tokens) = {n} "
+                f"> max_length={max_length}; responses are never cut — use truncation='prompt_left' "
+                "to drop prompt tokens from the left, or raise max_length")
+        cut = n - max_length
+        prompt_ids = prompt_ids[cut:]
+    return [TokenizedSequence(tuple(prompt_ids), tuple(r), tuple(tokenizer.decode([i]) for i in r), cut)
+            for r in resp]
+
+
 def tokenize_response(tokenizer, prompt: str, response: str, *, max_length: int | None = None,
                       truncation: str = "auto", append_eos: bool = False, what: str = "") -> TokenizedSequence:
     """Tokenize ``prompt`` (with special tokens) and ``response`` (without) separately.
@@ -90,35 +127,18 @@ def tokenize_response(tokenizer, prompt: str, response: str, *, max_length: int 
     Raises ValueError for an empty response, an empty prompt, or (``truncation="error"``)
     a sequence longer than ``max_length``.
     """
-    truncation = resolve_truncation(truncation, max_length)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if append_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("append_eos=True but the tokenizer has no eos token")
-        response_ids.append(tokenizer.eos_token_id)
-    if not response_ids:
-        raise ValueError(f"empty response ({what}): it tokenizes to zero tokens")
-    if not prompt_ids:
-        raise ValueError(f"empty prompt ({what}): with no prompt token (and no BOS) the first "
-                         "response token has no context to be predicted from")
-    cut = 0
-    if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
-        n = len(prompt_ids) + len(response_ids)
-        if truncation == "error" or len(response_ids) >= max_length:
-            raise ValueError(
-                f"{what}: prompt ({len(prompt_ids)} tokens) + response ({len(response_ids)} tokens) = {n} "
-                f"> max_length={max_length}; responses are never cut — use truncation='prompt_left' "
-                "to drop prompt tokens from the left, or raise max_length")
-        cut = n - max_length
-        prompt_ids = prompt_ids[cut:]
-    tokens = tuple(tokenizer.decode([i]) for i in response_ids)
-    return TokenizedSequence(tuple(prompt_ids), tuple(response_ids), tokens, cut)
+    return _tokenize_shared_prompt(tokenizer, prompt, [response], max_length=max_length, truncation=truncation,
+                                   append_eos=append_eos, whats=[what])[0]
 
 
 def tokenize_pairs(tokenizer, pairs, *, max_length: int | None = None, truncation: str = "auto",
                    append_eos: bool = False) -> TokenizedPairs:
     """Tokenize `dynamics.inputs.data.PreferencePair`-like objects (``id, prompt, chosen, rejected``).
+
+    A pair's chosen and rejected sequences share one prompt: under ``"prompt_left"`` truncation
+    the prompt is cut once, by the longer response, so both responses are scored on the same
+    context (cut separately, a long TL;DR post would lose more of its start before the shorter
+    summary than before the longer one, and the pair would compare two different prompts).
 
     Raises ValueError when the tokenizer has no pad token, or a pair's two responses tokenize
     identically (nothing to prefer), besides the errors of `tokenize_response`.
@@ -129,9 +149,9 @@ def tokenize_pairs(tokenizer, pairs, *, max_length: int | None = None, truncatio
     truncation = resolve_truncation(truncation, max_length)
     ids, chosen, rejected = [], [], []
     for p in pairs:
-        kw = dict(max_length=max_length, truncation=truncation, append_eos=append_eos)
-        w = tokenize_response(tokenizer, p.prompt, p.chosen, what=f"pair {p.id!r}, chosen", **kw)
-        l = tokenize_response(tokenizer, p.prompt, p.rejected, what=f"pair {p.id!r}, rejected", **kw)
+        w, l = _tokenize_shared_prompt(tokenizer, p.prompt, [p.chosen, p.rejected], max_length=max_length,
+                                       truncation=truncation, append_eos=append_eos,
+                                       whats=[f"pair {p.id!r}, chosen", f"pair {p.id!r}, rejected"])
         if w.response_ids == l.response_ids:
             raise ValueError(f"pair {p.id!r}: chosen and rejected responses are identical after tokenization")
         ids.append(str(p.id)), chosen.append(w), rejected.append(l)

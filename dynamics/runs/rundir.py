@@ -248,6 +248,16 @@ def read_table(run_dir: str | Path, name: str = "records") -> pd.DataFrame:
 
 # ------------------------------------------------------------------ reference cache
 
+def changed_fingerprints(pairs: TokenizedPairs, path: str | Path) -> list[str]:
+    """Ids of the ``pairs`` whose rows in the reference file ``path`` carry another token
+    fingerprint than ``pairs`` now has (pairs absent from the file, or no file: none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    have = pd.read_parquet(path, columns=["pair_id", "fingerprint"]).set_index("pair_id")["fingerprint"]
+    return [pid for pid, fp in zip(pairs.pair_ids, pair_fingerprints(pairs)) if pid in have.index and have[pid] != fp]
+
+
 def cached_reference_logprobs(model, pairs: TokenizedPairs, path: str | Path, *,
                               batch_size: int = 8, context: object = None) -> pd.DataFrame:
     """`reference_logprobs`, read from / written to the Parquet file ``path``.

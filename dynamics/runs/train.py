@@ -52,7 +52,7 @@ from dynamics.runs import distributed
 from dynamics.runs.checkpoints import (checkpoint_file, copy_params, load_checkpoint, load_plain, read_checkpoint,
                                        save_checkpoint)
 from dynamics.runs.recorder import InRunRecorder, RecorderConfig
-from dynamics.runs.rundir import (RunDir, atomic_write_bytes, cached_reference_logprobs, move_aside, out_dir_state,
+from dynamics.runs.rundir import (RunDir, changed_fingerprints, atomic_write_bytes, cached_reference_logprobs, move_aside, out_dir_state,
                                   run_files, to_jsonable, upgrade_config)
 
 DATA_KINDS = data_mod.DATA_KINDS
@@ -428,6 +428,13 @@ def _train(cfg: TrainConfig, model, tokenizer, where: dict) -> RunDir:
         train_tp, probe_tp = tokenize_pairs(tokenizer, train_pairs, **kw), tokenize_pairs(tokenizer, probe_pairs, **kw)
         if len(train_tp) < cfg.batch_size:
             raise ValueError(f"{len(train_tp)} training pairs are fewer than batch_size={cfg.batch_size}")
+        if cfg.resume:  # the saved rows were recorded on these token ids; other ids would mix two runs
+            for name, tp in (("ref_train", train_tp), ("ref_probe", probe_tp)):
+                changed = changed_fingerprints(tp, out / f"{name}.parquet")
+                if changed:
+                    raise InputError(f"--resume: {len(changed)} pair(s) of {out} (e.g. {changed[0]!r}) tokenize to other "
+                                     f"ids than when the run was recorded (another tokenizer, max_length or "
+                                     f"truncation rule); start a new run or pass --overwrite")
         sft_file = out / "sft_model.pt"
         sft_state = None
         if cfg.sft_steps and cfg.resume:  # the reference is the post-SFT model: it must be restorable
