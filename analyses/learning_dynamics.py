@@ -57,6 +57,8 @@ def plot_probe_curves(probes: pd.DataFrame, axes=None, *, alpha: float = 0.5, ti
         ax2.plot(ch.index, ema(ch.argmax_logp, alpha), color="0.4", ls="--", label=r"$\sum_t\log\pi(y^*_t)$")
         ax2.set_ylabel(r"$\sum_t \log\pi(y^*_t)$")
         ax2.spines["right"].set_visible(True)
+        lines = axes[1].get_lines() + ax2.get_lines()                            # one legend for both y axes
+        ax2.legend(lines, [ln.get_label() for ln in lines], frameon=False, fontsize=6)
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()

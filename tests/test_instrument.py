@@ -219,6 +219,10 @@ def test_probes_recorded_and_plotted(tmp_path):
     assert set(s.probe) == names and s.notna().all().all()
     fig = plot_probe_curves(probes)
     assert len(fig.axes) == 3
+    # the right panel's two curves (one per y axis) are named by one legend
+    legends = [ax.get_legend() for ax in fig.axes[1:] if ax.get_legend() is not None]
+    assert len(legends) == 1
+    assert [t.get_text() for t in legends[0].get_texts()] == ["argmax mass", r"$\sum_t\log\pi(y^*_t)$"]
 
 
 def test_step_axes_tick_whole_steps():
