@@ -384,7 +384,6 @@ def cmd_attribute(args) -> int:
     import pandas as pd
 
     from dynamics.core.attribution import CONVERGED_REL, INTERNAL_BATCH_SIZE, attribution_frame, token_attributions
-    from dynamics.core.logprobs import shared_prompt
 
     model, tok, tp = _tokenized_for(args)
     wanted = args.pairs or tp.pair_ids[: args.first]
@@ -394,7 +393,7 @@ def cmd_attribute(args) -> int:
     frames = []
     for pid in wanted:
         k = tp.pair_ids.index(pid)
-        w, l = shared_prompt(tp.chosen[k], tp.rejected[k])
+        w, l = tp.chosen[k], tp.rejected[k]                  # one prompt: tokenize_pairs cuts it once
         for target in args.targets:  # "rejected" and "margin" take the rejected response as seq_other
             attr = token_attributions(model, w, tp.pad_id, target=target, seq_other=None if target == "chosen" else l,
                                       tokenizer=tok,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import pandas as pd
@@ -405,17 +405,3 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def shared_prompt(w: TokenizedSequence, l: TokenizedSequence) -> tuple[TokenizedSequence, TokenizedSequence]:
-    """The pair with one prompt: with ``--max-length`` the prompt is cut from the left separately for
-    each response, so the longer response keeps fewer prompt tokens; both then get the shorter cut
-    (a suffix of the other), as the margin compares two responses to the same prompt."""
-    if w.prompt_ids == l.prompt_ids:
-        return w, l
-    short, long_ = sorted((w.prompt_ids, l.prompt_ids), key=len)
-    if long_[len(long_) - len(short):] != short:
-        return w, l                                   # not one prompt cut twice: the library refuses it
-    extra = lambda s: len(s.prompt_ids) - len(short)
-    return (replace(w, prompt_ids=short, n_prompt_truncated=w.n_prompt_truncated + extra(w)),
-            replace(l, prompt_ids=short, n_prompt_truncated=l.n_prompt_truncated + extra(l)))
