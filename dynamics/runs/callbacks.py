@@ -110,7 +110,7 @@ class DynamicsCallback(TrainerCallback):
             ``loss_type="sigmoid"`` is ``"dpo"`` with its ``beta``).
         others: training pairs whose responses serve as "other prompt" probes (default: the probes).
         ref: precomputed reference log-probs of the probe pairs (else computed at train begin).
-        max_length: tokenization limit (prompt cut from the left).
+        max_length: tokenization limit (a pair's prompt cut once from the left, by its longer response).
         append_eos: end every probe response with the EOS token; ``"auto"``: when ``args`` is a
             TRL config (as TRL does for non-conversational data), else not.
 

@@ -96,7 +96,7 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "checkpoint every this many steps (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint (same configuration; only --steps may change)"})
     overwrite: bool = field(default=False, metadata={"help": "OUT holds a run: move it aside to OUT.old-<time> and start afresh"})
-    max_length: int | None = field(default=None, metadata={"help": "max prompt+response tokens (prompt cut from the left)"})
+    max_length: int | None = field(default=None, metadata={"help": "max prompt+response tokens (a pair's prompt cut once from the left, by its longer response)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, splits and tiny-model init"})
     dtype: str = field(default="float32", metadata={"help": "float32, float64 or bfloat16"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
