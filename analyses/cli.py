@@ -680,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "token counts, e.g. 8:3:4 (synthetic token ids)")
         p.add_argument("--batch-sizes", type=pos_int, nargs="+", default=[4, 16], help="pairs per optimizer step")
         p.add_argument("--variants", nargs="+", default=variants,
-                       help="plain, in_run, in_run_bookkeeping, in_run_update, probe, trl_plain, trl_in_run "
+                       help="plain, in_run, in_run_bookkeeping, in_run_update, in_run_update_factors, "
+                            "in_run_update_factors_bookkeeping, probe, trl_plain, trl_in_run "
                             "(default: all but the TRL ones; ratios are to plain / trl_plain, which must be among them)")
         p.add_argument("--trl", action="store_true", help="add trl_plain and trl_in_run: TRL's DPOTrainer step "
                        "(LoRA, or full fine-tuning with --lora-r 0) without and with "

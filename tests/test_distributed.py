@@ -42,7 +42,8 @@ CASES = {
     # 2 micro-batches of 2 pairs: each rank 1 pair of each; 3 probes split 2 + 1; learning-dynamics probes;
     # in-run rows by book-keeping (per-sequence gradients summed into the .grad DDP all-reduces)
     "grad_accum": dict(optimizer="adamw", grad_accum=2, n_probe=3, probes=True, in_run_bookkeeping=True),
-    "lora": dict(optimizer="adamw", lora_r=2),
+    # LoRA; in-run update effects from each rank's kept factors
+    "lora": dict(optimizer="adamw", lora_r=2, in_run_update=True, in_run_update_from="factors"),
 }
 TIMING = {"elapsed_s", "step_s", "record_s"}
 CLI_ARGS = ["train", "--model", "tiny-llama", "--n-pairs", "24", "--n-probe", "4", "--steps", "2", "--batch-size", "4",

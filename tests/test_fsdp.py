@@ -57,7 +57,9 @@ CASES = {
     "neox": dict(model="tiny-neox", optimizer="adamw", grad_accum=2, n_probe=3, probes=True, in_run=True,
                  in_run_bookkeeping=True),
     # LoRA (frozen weights and trainable adapters in one unit), AdamW, in-run rows with update effects
-    "lora": dict(model="tiny-llama", optimizer="adamw", lora_r=2, in_run=True, in_run_update=True),
+    # from the kept factors of each rank's rows (Δθ of the gathered adapters)
+    "lora": dict(model="tiny-llama", optimizer="adamw", lora_r=2, in_run=True, in_run_update=True,
+                 in_run_update_from="factors"),
 }
 
 

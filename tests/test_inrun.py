@@ -52,11 +52,12 @@ def assert_rel(a, b, tol=TOL):
 
 
 def step_products(model, tp, *, params="trainable", loss="dpo", loss_params=None, batch=None, contraction="auto",
-                  refs=None, bookkeeping=False):
-    """One training forward/backward of ``tp`` (train mode) under a capture: (PairProducts, LossOutput)."""
+                  refs=None, bookkeeping=False, keep=None):
+    """One training forward/backward of ``tp`` (train mode) under a capture: (PairProducts, LossOutput);
+    ``keep``: a list that receives the capture's `KeptUses` (the capture keeps its uses)."""
     B = len(tp)
     model.train()
-    cap = InRunCapture(model, params, contraction=contraction, bookkeeping=bookkeeping)
+    cap = InRunCapture(model, params, contraction=contraction, bookkeeping=bookkeeping, keep_uses=keep is not None)
     with cap.capture():
         out = pair_logprobs(model, tp)
         lw, ll = out.chosen.logp, out.rejected.logp
@@ -68,7 +69,20 @@ def step_products(model, tp, *, params="trainable", loss="dpo", loss_params=None
                           **(loss_params or {}))
         (lo.loss.sum() / (batch or B)).backward()
     model.eval()
-    return cap.result(), lo
+    prod = cap.result()
+    if keep is not None:
+        keep.append(cap.kept())
+    return prod, lo
+
+
+def update_oracle(model, tp, delta, params="trainable"):
+    """(⟨g_w, Δ⟩, ⟨g_l, Δ⟩) (B,) from one autograd gradient per unpadded sequence; ``delta``
+    {name: Δ} over the selected parameters (in `flat_grads`' order)."""
+    from dynamics.core.grads import select_params
+    B = len(tp)
+    G = flat_grads(model, tp.chosen + tp.rejected, tp.pad_id, params)
+    d = torch.cat([delta[n].reshape(-1) for n in select_params(model, params)])
+    return G[:B] @ d, G[B:] @ d
 
 
 # ------------------------------------------------------------------ the identity, against the oracle
@@ -90,6 +104,25 @@ def test_pair_products_match_autograd(arch, n_pairs, contraction, pairs):
     assert_rel(prod.c_w, -lo.d_w / n_pairs)
     assert_rel(prod.c_l, lo.d_l / n_pairs)
     assert prod.missing == [None] * n_pairs
+
+
+@pytest.mark.parametrize("contraction", [*CONTRACTIONS, "bookkeeping"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_kept_uses_give_the_update_effect(arch, contraction, pairs):
+    """``keep_uses``: every use the backward delivered (linear factors, embedding ids, norm weights,
+    the tied head, a book-kept layer's per-sequence gradients), contracted with an update Δ after
+    the backward, gives ⟨g_i, Δ⟩ of each pair's responses (in_run_update from factors)."""
+    model = tiny_model(arch, seed=0, dtype=torch.float64)
+    mode = dict(bookkeeping=True, contraction="materialize") if contraction == "bookkeeping" else dict(contraction=contraction)
+    kept = []
+    step_products(model, pairs, loss_params={"beta": 1.0}, keep=kept, **mode)
+    g = torch.Generator().manual_seed(3)
+    delta = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+    by_id = {id(p): delta[n] for n, p in model.named_parameters()}
+    upd_w, upd_l = kept[0].dots(by_id)
+    want_w, want_l = update_oracle(model, pairs, delta)
+    assert_rel(upd_w, want_w)
+    assert_rel(upd_l, want_l)
 
 
 def test_tied_embedding_uses_both(pairs):
@@ -207,7 +240,8 @@ def test_inactive_hinge_is_missing_not_wrong(pairs):
                            [l if u else w for w, l, u in zip(pairs.chosen, pairs.rejected, up)], pairs.pad_id)
     gap = (out.chosen.logp - out.rejected.logp).abs().sort().values
     delta = float((gap[0] + gap[1]) / 2)                                        # the pair with the smallest gap active
-    prod, lo = step_products(model, pairs, loss="slic", loss_params={"delta": delta, "lam": 1.0})
+    kept = []
+    prod, lo = step_products(model, pairs, loss="slic", loss_params={"delta": delta, "lam": 1.0}, keep=kept)
     active = lo.d_l != 0
     assert active.sum() == 1 and (~active).sum() == 2
     ip, sq_w, sq_l = oracle(model, pairs)
@@ -217,6 +251,13 @@ def test_inactive_hinge_is_missing_not_wrong(pairs):
     assert prod.ip_wl[~active].isnan().all() and prod.sq_l[~active].isnan().all() and prod.cos_wl[~active].isnan().all()
     assert [m is None for m in prod.missing] == active.tolist()
     assert {m for m in prod.missing if m} == {MISSING_REASONS[(False, True)]}
+    # the kept factors give ⟨g_w, Δ⟩ everywhere and ⟨g_l, Δ⟩ only where the rejected had a gradient
+    delta = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    upd_w, upd_l = kept[0].dots({id(p): delta[n] for n, p in model.named_parameters()})
+    want_w, want_l = update_oracle(model, pairs, delta)
+    assert_rel(upd_w, want_w)
+    assert_rel(upd_l[active], want_l[active])
+    assert upd_l[~active].isnan().all()
     # the SGD-form prediction keeps what does not need the missing values
     pred = predict_with_missing(lo.d_w, lo.d_l, prod.ip_wl, prod.sq_w, prod.sq_l, lr=0.1)
     full = conditions.predict(lo.d_w, lo.d_l, ip, sq_w, sq_l, lr=0.1)
@@ -510,17 +551,28 @@ def test_compact_positions_packs_rows():
     assert b[:, :, 0].tolist() == [[1.0, 2.0], [3.0, 0.0]]
 
 
-def test_in_run_update_is_the_real_update_at_theta_s(tmp_path, tok):
+@pytest.mark.parametrize("source,loss", [("jvp", "dpo"), ("factors", "dpo"), ("factors", "slic")])
+def test_in_run_update_is_the_real_update_at_theta_s(tmp_path, tok, source, loss, monkeypatch):
     """``upd_dw, upd_dl`` = ⟨g(θ_s), θ_{s+1} − θ_s⟩ for the step's own pairs (AdamW, grad_accum 2),
-    against flattened autograd gradients at θ_s; the update itself unchanged by the jvp's θ swap."""
+    against flattened autograd gradients at θ_s, by the jvp or from the kept factors (SLiC-HF with
+    δ ≈ 0: its inactive hinges carry no gradient to the rejected, whose upd then comes from the
+    jvp); the update itself unchanged by the jvp's θ swap or the kept factors."""
     theta0 = tiny_model("gpt2", seed=0, dtype=torch.float64)
     model = copy.deepcopy(theta0)
-    cfg = tiny_cfg(tmp_path, "upd", in_run=True, in_run_update=True, steps=1, grad_accum=2, optimizer="adamw",
-                   model="tiny-gpt2")
+    hyper = {"beta": 1.0} if loss == "dpo" else {"delta": 1e-6, "lam": 1.0}
+    common = dict(steps=1, grad_accum=2, optimizer="adamw", model="tiny-gpt2", loss=loss, loss_params=hyper)
+    cfg = tiny_cfg(tmp_path, "upd", in_run=True, in_run_update=True, in_run_update_from=source, **common)
+    jvps = []
+    jvp = conditions.update_prediction
+    monkeypatch.setattr(conditions, "update_prediction", lambda *a, **k: jvps.append(1) or jvp(*a, **k))
     run = train(cfg, model=model, tokenizer=tok)
+    # micro-batches that ran the jvp: all (jvp), none (factors, DPO), those with an inactive hinge (SLiC)
+    if loss == "slic":
+        assert 1 <= len(jvps) <= 2
+    else:
+        assert len(jvps) == (2 if source == "jvp" else 0)
     off = copy.deepcopy(theta0)
-    train(tiny_cfg(tmp_path, "upd_off", steps=1, grad_accum=2, optimizer="adamw", model="tiny-gpt2"),
-          model=off, tokenizer=tok)
+    train(tiny_cfg(tmp_path, "upd_off", **common), model=off, tokenizer=tok)
     for (n, p), (_, q) in zip(model.named_parameters(), off.named_parameters()):
         assert torch.equal(p, q), n
     rec = run.table("train_records")
@@ -533,7 +585,11 @@ def test_in_run_update_is_the_real_update_at_theta_s(tmp_path, tok):
     B = len(sub)
     assert_rel(torch.tensor(rec.upd_dw.to_numpy()), G[:B] @ delta)
     assert_rel(torch.tensor(rec.upd_dl.to_numpy()), G[B:] @ delta)
+    if loss == "slic":                                   # the fallback ran: some rejected had no gradient
+        assert rec.missing_reason.notna().any() and rec.upd_dl.notna().all()
     with pytest.raises(InputError, match="needs in_run"):
         tiny_cfg(tmp_path, "x", in_run_update=True)
+    with pytest.raises(InputError, match="unknown in_run_update_from"):
+        tiny_cfg(tmp_path, "x", in_run=True, in_run_update=True, in_run_update_from="adjoint")
 
 # DynamicsCallback(in_run=True) under TRL's DPOTrainer: tests/test_callback_inrun.py

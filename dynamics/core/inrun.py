@@ -87,9 +87,10 @@ from dynamics.core import conditions
 from dynamics.core.ghost import Factor, Use, call_uses, compact_positions, entry_costs, pair_entries_from_uses
 from dynamics.core.grads import resolve_params
 from dynamics.core.logprobs import unwrap
+from dynamics.core.probe_pass import update_dot
 from dynamics.errors import InputError
 
-__all__ = ["InRunCapture", "PairProducts", "MISSING_REASONS", "NONCONSTANT_REASON", "CONTRACTIONS",
+__all__ = ["InRunCapture", "PairProducts", "KeptUses", "MISSING_REASONS", "NONCONSTANT_REASON", "CONTRACTIONS",
            "predict_with_missing", "row_scales"]
 
 CONTRACTIONS = ("auto", "ghost", "materialize")
@@ -152,6 +153,41 @@ class PairProducts:
 
 
 @dataclass
+class KeptUses:
+    """The uses of one captured backward (``InRunCapture(keep_uses=True)``), kept until the update
+    Δθ of the step is known: ``dots`` gives ⟨g_w,k, Δθ⟩ and ⟨g_l,k, Δθ⟩ of its B pairs from them
+    (docs/math.md §4.2's upd from factors: Σ_τ b_iτ · (ΔW a_iτ) per linear use, ⟨G_i, ΔW⟩ for a
+    book-kept layer's per-sequence gradient), divided by the captured scales c. ``uses``: one
+    {id(parameter): uses} per contraction; ``n_rows``: the batch rows N (items of every use);
+    ``rows_w, rows_l``, ``c_w, c_l``, ``ok_w, ok_l`` (B,): the pairs' rows, scales and whether a
+    scale is usable (c ≠ 0 and one scalar per sequence; elsewhere the backward carried no g_i)."""
+    uses: list
+    n_rows: int
+    rows_w: Tensor
+    rows_l: Tensor
+    c_w: Tensor
+    c_l: Tensor
+    ok_w: Tensor
+    ok_l: Tensor
+
+    def dots(self, delta: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(upd_w, upd_l)`` (B,) float64 on the CPU for ``delta`` {id(parameter): Δ}; NaN where
+        ``ok`` is False. Every parameter with kept uses must be in ``delta``."""
+        raw = torch.zeros(self.n_rows, dtype=torch.float64)
+        with torch.no_grad():
+            for group in self.uses:
+                for pid, ulist in group.items():
+                    for u in ulist:                            # c_i ⟨g_i, Δ⟩ of this use, (N,)
+                        raw += update_dot(u, delta[pid], self.n_rows).cpu()
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        out = []
+        for rows, c, ok in ((self.rows_w, self.c_w, self.ok_w), (self.rows_l, self.c_l, self.ok_l)):
+            c, ok = c.cpu(), ok.cpu()
+            out.append(torch.where(ok, raw[rows.cpu()] / torch.where(ok, c, 1.0), nan))
+        return out[0], out[1]
+
+
+@dataclass
 class _Call:
     module: nn.Module
     names: list                   # selected (role, parameter) owned by the module
@@ -206,18 +242,23 @@ class InRunCapture:
     require grad. ``contraction``: one of `CONTRACTIONS` (equal values; "auto" is the fastest).
     ``bookkeeping``: form the selected plain linear layers' weight gradients per sequence instead
     of the batch gradient (`_PerSequenceLinear`; faster at long sequences, the training gradient
-    then equal to float rounding instead of bit for bit; module docstring).
+    then equal to float rounding instead of bit for bit; module docstring). ``keep_uses``: keep
+    every use contracted (its factors: the layers' inputs and output gradients, or a book-kept
+    layer's per-sequence gradients) for `kept`, whose ⟨g_i, Δθ⟩ is then the real update's effect
+    without a jvp; memory: those factors of the micro-batch, alive until `kept`'s result is dropped.
     One `capture` block holds one forward with grad and one backward (one micro-batch); `result`
     is valid after it and until the next `capture`.
     """
 
-    def __init__(self, model, params="trainable", *, contraction: str = "auto", bookkeeping: bool = False):
+    def __init__(self, model, params="trainable", *, contraction: str = "auto", bookkeeping: bool = False,
+                 keep_uses: bool = False):
         if contraction not in CONTRACTIONS:
             raise ValueError(f"unknown contraction {contraction!r}; known: {', '.join(CONTRACTIONS)}")
         if bookkeeping and contraction == "ghost":
             raise ValueError("bookkeeping forms per-sequence gradients, which contraction='ghost' never uses; "
                              "use contraction='auto' or 'materialize'")
         self.model, self.contraction, self.bookkeeping = model, contraction, bool(bookkeeping)
+        self.keep_uses = bool(keep_uses)
         self.params = resolve_params(model, params)
         frozen = [n for n, p in self.params.items() if not p.requires_grad]
         if frozen:
@@ -239,6 +280,9 @@ class InRunCapture:
         self.bookkept: list[str] = []   # names of the modules whose calls ran as `_PerSequenceLinear` in this capture
         self._n_calls: dict[int, int] | None = None
         self._pending: dict[int, list[Use]] = {}
+        self._kept: list[dict[int, list[Use]]] = []   # keep_uses: every contracted group of uses
+        self._scales: tuple | None = None             # (c_w, c_l, ok_w, ok_l) of the last `result`
+        self._n_rows: int | None = None               # rows of the per-token tensor (watch_tokens)
         self._acc: tuple[Tensor, Tensor, Tensor] | None = None
         self._grads_seen = 0
         self._busy = False     # inside our own computations (the norm-weight vjp runs the module again)
@@ -404,7 +448,7 @@ class InRunCapture:
                              f"{tuple(rows_l.shape)}")
         if not per_token.requires_grad:
             raise ValueError("watch_tokens: per_token does not require grad (computed without grad?)")
-        self._rows = (rows_w, rows_l)
+        self._rows, self._n_rows = (rows_w, rows_l), N
         self._c, self._constant = {}, {}
         mask = mask.detach().bool()
         if fused_head is not None:
@@ -487,6 +531,8 @@ class InRunCapture:
         call.inp = None  # its uses hold what is needed; let the input go with the graph
 
     def _add(self, uses: dict[int, list[Use]]) -> None:
+        if self.keep_uses:
+            self._kept.append(uses)
         entries = pair_entries_from_uses(uses, *self._rows, mode=self.contraction)
         self._acc = entries if self._acc is None else tuple(a + e for a, e in zip(self._acc, entries))
 
@@ -547,10 +593,21 @@ class InRunCapture:
             denom = (sq_w * sq_l).sqrt()
             cos = torch.where(denom > 0, ip / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(ip))
             cos = torch.where(ok, cos, nan)
+        self._scales = (c_w, c_l, ok_w, ok_l)
         bad = (~(const[0] & const[1])).tolist()
         reasons = [NONCONSTANT_REASON if x else MISSING_REASONS.get((not bool(a), not bool(b)))
                    for x, a, b in zip(bad, ok_w.tolist(), ok_l.tolist())]
         return PairProducts(ip.cpu(), sq_w.cpu(), sq_l.cpu(), cos.cpu(), c_w.cpu(), c_l.cpu(), reasons)
+
+    def kept(self) -> KeptUses:
+        """The uses of this capture with its pairs' rows and scales (``keep_uses=True``; after
+        `result`), for ⟨g_i, Δθ⟩ once the update is known (`KeptUses.dots`)."""
+        if not self.keep_uses:
+            raise RuntimeError("InRunCapture.kept() needs keep_uses=True")
+        if self._scales is None:
+            raise RuntimeError("InRunCapture.kept() before result()")
+        n = self._calls[0].n_rows if self._calls else self._n_rows
+        return KeptUses(self._kept, n, *self._rows, *self._scales)
 
 
 def predict_with_missing(d_w: Tensor, d_l: Tensor, ip_wl: Tensor, sq_w: Tensor, sq_l: Tensor,

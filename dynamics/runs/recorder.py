@@ -71,6 +71,10 @@ from dynamics.errors import InputError
 from dynamics.runs.rundir import RunDir, safe_name, save_token_gram
 
 
+IN_RUN_UPDATE_FROM = ("jvp", "factors")
+"""How ``in_run_update`` computes ⟨g_i, Δθ⟩ (`InRunRecorder`): equal values to rounding."""
+
+
 @dataclass
 class RecorderConfig:
     """What is recorded and how; nested in `dynamics.runs.train.TrainConfig` and given to
@@ -85,7 +89,8 @@ class RecorderConfig:
     token_chunk: int | None = field(default=8, metadata={"help": "token gradients formed at once (memory, not values)"})
     probes: bool = field(default=False, metadata={"help": "record learning-dynamics probes (y+, y-, y*, greedy, shuffled, ...)"})
     in_run: bool = field(default=False, metadata={"help": "record every optimizer step's training pairs (train_records.parquet) from the training backward itself"})
-    in_run_update: bool = field(default=False, metadata={"help": "with in_run: also the exact first-order effect <g, dtheta> of each real update on its training pairs (one jvp, ~3 forwards, per step)"})
+    in_run_update: bool = field(default=False, metadata={"help": "with in_run: also the exact first-order effect <g, dtheta> of each real update on its training pairs (see in_run_update_from)"})
+    in_run_update_from: str = field(default="jvp", metadata={"help": "how in_run_update computes <g, dtheta>: jvp (one forward-mode pass over the step's sequences, ~3 forwards, no memory) or factors (from the training backward's own factors, kept until the optimizer step: ~1 forward of matrix products, none for book-kept layers, but the memory of those factors for every micro-batch of the step)"})
     in_run_bookkeeping: bool = field(default=False, metadata={"help": "with in_run: form the linear layers' weight gradients per sequence instead of the batch gradient and train on their sum (cheaper at long sequences; the training then equals a run without in_run to float rounding, not bit for bit)"})
     cross: bool = field(default=False, metadata={"help": "at recorded steps, split each probe's <g, dtheta> over the step's training pairs with the probe x training cross-Gram (contributions.parquet)"})
 
@@ -95,6 +100,8 @@ class RecorderConfig:
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.in_run_update and not self.in_run:
             raise InputError("in_run_update needs in_run (it adds columns to the in-run rows of train_records)")
+        if self.in_run_update_from not in IN_RUN_UPDATE_FROM:
+            raise InputError(f"unknown in_run_update_from {self.in_run_update_from!r}; known: {', '.join(IN_RUN_UPDATE_FROM)}")
         if self.in_run_bookkeeping and not self.in_run:
             raise InputError("in_run_bookkeeping needs in_run (it is a way of computing the in-run rows)")
         if self.impl not in IMPLS:
@@ -436,9 +443,13 @@ class InRunRecorder:
     ``cfg.in_run_update``: also ``upd_dw = ⟨g_w(θ_s), Δθ⟩``, ``upd_dl`` for the real update
     Δθ = θ_{s+1} − θ_s of the step (any optimizer, the whole batch): call `begin_step` before the
     first micro-batch (it snapshots θ_s: one copy of the trainable parameters) and pass ``pairs``
-    to `add`. `end_step` puts θ_s back into the model for one forward-mode jvp over the step's
-    2B sequences (`dynamics.core.conditions.update_prediction`, eval mode, ≈ 3 forward passes; the
-    gradient at θ_s, as the backward's) and restores θ_{s+1} bit for bit.
+    to `add`. With ``cfg.in_run_update_from="jvp"`` `end_step` puts θ_s back into the model for one
+    forward-mode jvp over the step's 2B sequences (`dynamics.core.conditions.update_prediction`,
+    eval mode, ≈ 3 forward passes; the gradient at θ_s, as the backward's) and restores θ_{s+1}
+    bit for bit. With ``"factors"`` the capture keeps every micro-batch's factors (`KeptUses`) and
+    `end_step` contracts them with Δθ (≈ one forward of matrix products, ⟨G_i, ΔW⟩ for a book-kept
+    layer; the gradient of the training backward itself, train mode); a pair whose backward
+    carried no gradient to a response (c = 0) gets the jvp for its micro-batch instead.
     """
 
     TABLE = "train_records"
@@ -449,10 +460,12 @@ class InRunRecorder:
             raise ValueError(f"flush_every must be an integer >= 1, got {flush_every!r}")
         self.run, self.cfg, self.flush_every = run, cfg, flush_every
         self.loss, self.loss_params = loss, resolve_hyper(loss, loss_params)
-        self.capture = InRunCapture(model, cfg.params, bookkeeping=cfg.in_run_bookkeeping)
+        self.capture = InRunCapture(model, cfg.params, bookkeeping=cfg.in_run_bookkeeping,
+                                    keep_uses=cfg.in_run_update and cfg.in_run_update_from == "factors")
         self.model = model
         self._rows: list[dict] = []       # rows of the step being recorded
         self._seqs: list = []             # (pairs, pad_id) of the step's micro-batches (in_run_update)
+        self._kept: list = []             # the micro-batches' `KeptUses` (in_run_update from factors)
         self._snapshot: dict | None = None
         self._buffer: list[dict] = []     # rows of finished steps not yet on disk
         self._steps_buffered = 0
@@ -478,6 +491,8 @@ class InRunRecorder:
                 raise RuntimeError("in_run_update: call begin_step() before the step and pass add(..., pairs=)")
             self._seqs.append(pairs)
         prod = self.capture.result()
+        if self.capture.keep_uses:
+            self._kept.append(self.capture.kept())
         as64 = lambda t: torch.as_tensor(t).detach().double().cpu()
         lw, ll, nw, nl, rw, rl = (as64(t) for t in (lw, ll, len_w, len_l, ref_w, ref_l))
         lo = compute_loss(self.loss, lw, ll, rw, rl, nw, nl, **self.loss_params)
@@ -513,24 +528,32 @@ class InRunRecorder:
         return in_run_summary(rows)
 
     def _update_effects(self, rows: list[dict]) -> None:
-        """``upd_dw, upd_dl`` of the step's rows: ⟨g(θ_s), Δθ⟩ by one jvp at θ_s, θ_{s+1} restored."""
+        """``upd_dw, upd_dl`` of the step's rows, ⟨g(θ_s), Δθ⟩: from the kept factors of each
+        micro-batch (``in_run_update_from="factors"``), and by one jvp at θ_s (θ_{s+1} restored after)
+        for the micro-batches without factors or with a pair the factors cannot give (c = 0)."""
         before, self._snapshot = self._snapshot, None
         seqs, self._seqs = self._seqs, []
+        kept, self._kept = self._kept, []
         delta = conditions.param_delta(self.model, before)
         params = self.capture.params
-        after = {n: p.detach().clone() for n, p in params.items()}
-        try:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(before[n])
-            upd = []
-            for tp in seqs:  # micro-batch by micro-batch, in the order of the rows
-                d = conditions.update_prediction(self.model, tp.chosen + tp.rejected, tp.pad_id, delta, params)
-                upd.append(d.double().cpu().reshape(2, len(tp)))
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(after[n])
+        by_id = {id(p): delta[n] for n, p in params.items()}
+        upd = [torch.stack(k.dots(by_id)) for k in kept] if kept else [None] * len(seqs)     # (2, B) each
+        todo = [i for i, u in enumerate(upd) if u is None or bool(u.isnan().any())]
+        if todo:
+            after = {n: p.detach().clone() for n, p in params.items()}
+            try:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(before[n])
+                for i in todo:  # micro-batch by micro-batch, in the order of the rows
+                    tp = seqs[i]
+                    d = conditions.update_prediction(self.model, tp.chosen + tp.rejected, tp.pad_id, delta, params)
+                    d = d.double().cpu().reshape(2, len(tp))
+                    upd[i] = d if upd[i] is None else torch.where(upd[i].isnan(), d, upd[i])
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(after[n])
         upd = torch.cat(upd, dim=1) if upd else torch.zeros(2, 0)
         for k, row in enumerate(rows):
             row.update(upd_dw=float(upd[0, k]), upd_dl=float(upd[1, k]))

@@ -14,6 +14,10 @@ median plain step of the same run (same shape, batch size, model and process). V
 - ``in_run_bookkeeping``: ``in_run`` with ``in_run_bookkeeping=True`` (the linear layers' weight
   gradients formed per sequence instead of the batch gradient; `dynamics.core.inrun`);
 - ``in_run_update``: + ``in_run_update=True`` (θ_s snapshot, one jvp over the 2B sequences);
+- ``in_run_update_factors``: ``in_run_update`` from the kept factors of the training backward
+  (``in_run_update_from="factors"``: no jvp; the factors held until the optimizer step), and
+  ``in_run_update_factors_bookkeeping`` the same with ``in_run_bookkeeping`` (⟨G_i, ΔW⟩ from the
+  per-sequence gradients book-keeping forms anyway);
 - ``probe``: the plain step + `Recorder` recording it (``before_update`` before ``opt.step()``,
   ``after_update(optimizer=opt)`` after) for ``n_probe`` probe pairs of the same shape,
   `PROBE_CONFIG`, reference log-probs computed once before timing; its Parquet appends (records,
@@ -78,7 +82,14 @@ class Shape:
 # long-suffix, 400 pairs of ../shared/data/tweets/train.csv: prompt 35.5, responses 10 | 10 tokens;
 # TL;DR, 300 pairs of batch13.json: prompt 349, chosen 37.9, rejected 33.9 tokens.
 SHAPES = {"tweets": Shape("tweets", 36, 10, 10), "tldr": Shape("tldr", 349, 38, 34)}
-LOOP_VARIANTS = ("plain", "in_run", "in_run_bookkeeping", "in_run_update", "probe")
+IN_RUN_VARIANTS = {
+    "in_run": {}, "in_run_bookkeeping": dict(in_run_bookkeeping=True),
+    "in_run_update": dict(in_run_update=True),
+    "in_run_update_factors": dict(in_run_update=True, in_run_update_from="factors"),
+    "in_run_update_factors_bookkeeping": dict(in_run_update=True, in_run_update_from="factors", in_run_bookkeeping=True),
+}
+"""The in-run variants: their `RecorderConfig` fields besides ``in_run=True``."""
+LOOP_VARIANTS = ("plain", *IN_RUN_VARIANTS, "probe")
 TRL_VARIANTS = ("trl_plain", "trl_in_run")
 VARIANTS = LOOP_VARIANTS + TRL_VARIANTS
 BASELINE = {**{v: "plain" for v in LOOP_VARIANTS}, **{v: "trl_plain" for v in TRL_VARIANTS}}
@@ -217,9 +228,8 @@ def _loop_run(model, tokenizer, shape: Shape, B: int, variants: list[str], *, st
         run = RunDir(tmp / f"{shape.name.replace(':', '_')}_B{B}_{v}")
         if v == "plain":
             hooks[v] = {}
-        elif v in ("in_run", "in_run_bookkeeping", "in_run_update"):
-            cfg = RecorderConfig(in_run=True, in_run_update=v == "in_run_update",
-                                 in_run_bookkeeping=v == "in_run_bookkeeping")
+        elif v in IN_RUN_VARIANTS:
+            cfg = RecorderConfig(in_run=True, **IN_RUN_VARIANTS[v])
             hooks[v] = dict(inrun=InRunRecorder(model, run, cfg, loss=loss, flush_every=10 ** 9))
         else:
             probe = synthetic_pairs(tokenizer, n_probe, prompt_len=shape.prompt, len_w=shape.len_w,
