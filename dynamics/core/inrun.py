@@ -173,12 +173,13 @@ class KeptUses:
     def dots(self, delta: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
         """``(upd_w, upd_l)`` (B,) float64 on the CPU for ``delta`` {id(parameter): Δ}; NaN where
         ``ok`` is False. Every parameter with kept uses must be in ``delta``."""
-        raw = torch.zeros(self.n_rows, dtype=torch.float64)
+        raw = torch.zeros(self.n_rows, dtype=torch.float64, device=self.rows_w.device)
         with torch.no_grad():
             for group in self.uses:
                 for pid, ulist in group.items():
                     for u in ulist:                            # c_i ⟨g_i, Δ⟩ of this use, (N,)
-                        raw += update_dot(u, delta[pid], self.n_rows).cpu()
+                        raw += update_dot(u, delta[pid], self.n_rows)
+        raw = raw.cpu()                                        # one transfer, not one per use
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         out = []
         for rows, c, ok in ((self.rows_w, self.c_w, self.ok_w), (self.rows_l, self.c_l, self.ok_l)):

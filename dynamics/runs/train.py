@@ -52,8 +52,8 @@ from dynamics.runs import distributed
 from dynamics.runs.checkpoints import (checkpoint_file, copy_params, load_checkpoint, load_plain, read_checkpoint,
                                        save_checkpoint)
 from dynamics.runs.recorder import InRunRecorder, RecorderConfig
-from dynamics.runs.rundir import (RunDir, changed_fingerprints, atomic_write_bytes, cached_reference_logprobs, move_aside, out_dir_state,
-                                  run_files, to_jsonable, upgrade_config)
+from dynamics.runs.rundir import (RunDir, atomic_write_bytes, cached_reference_logprobs, changed_fingerprints,
+                                  move_aside, out_dir_state, run_files, to_jsonable, upgrade_config)
 
 DATA_KINDS = data_mod.DATA_KINDS
 OPTIMIZERS = ("adamw", "sgd")
